@@ -1,0 +1,222 @@
+"""AWS KMS through boto3: data keys generated and wrapped by a customer master key.
+
+boto3 is imported only when a provider is built without a client, so
+``import sqlalchemy_envelope`` works without the ``aws`` extra. Every call
+carries the scope's encryption context; every failure is a ``KmsError``
+naming the operation, the AWS error code and the CMK, never key bytes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Any, NoReturn, TypeVar
+
+from ..errors import ConfigurationError, KmsError
+from .base import DATA_KEY_BYTES, GeneratedKey, KeyProvider
+
+_INSTALL_HINT = "pip install 'sqlalchemy-envelope[aws]'"
+_T = TypeVar("_T")
+
+
+class AwsKms:
+    """A :class:`KeyProvider` backed by one AWS KMS key (id, ARN or alias)."""
+
+    __slots__ = ("_arn", "_arn_lock", "_client", "_key_id")
+
+    def __init__(
+        self,
+        key_id: str,
+        *,
+        client: Any = None,
+        region_name: str | None = None,
+        endpoint_url: str | None = None,
+    ) -> None:
+        if not isinstance(key_id, str):
+            raise TypeError("key_id must be a str: a KMS key id, key ARN or alias")
+        if not key_id.strip():
+            raise ValueError("key_id must name a KMS key: a key id, key ARN or 'alias/...'")
+        if client is not None and (region_name is not None or endpoint_url is not None):
+            raise ValueError("pass either client or region_name/endpoint_url, not both")
+        self._key_id = key_id
+        self._client = client if client is not None else _make_client(region_name, endpoint_url)
+        self._arn: str | None = key_id if _is_key_arn(key_id) else None
+        self._arn_lock = threading.Lock()
+
+    @property
+    def key_id(self) -> str:
+        """The key id, ARN or alias this provider was built with."""
+        return self._key_id
+
+    # -- KeyProvider ----------------------------------------------------------------
+
+    def generate_data_key(self, context: Mapping[str, str]) -> GeneratedKey:
+        response = self._call(
+            "GenerateDataKey",
+            self._key_id,
+            KeyId=self._key_id,
+            KeySpec="AES_256",
+            EncryptionContext=dict(context),
+        )
+        return GeneratedKey(
+            plaintext=_field(response, "Plaintext", bytes, "GenerateDataKey"),
+            wrapped=_field(response, "CiphertextBlob", bytes, "GenerateDataKey"),
+            kms_key_id=_field(response, "KeyId", str, "GenerateDataKey"),
+        )
+
+    def wrap(self, plaintext: bytes, context: Mapping[str, str]) -> tuple[bytes, str]:
+        if not isinstance(plaintext, bytes):
+            raise TypeError("a data key must be bytes")
+        if len(plaintext) != DATA_KEY_BYTES:
+            raise ValueError(f"a data key must be exactly {DATA_KEY_BYTES} bytes")
+        response = self._call(
+            "Encrypt",
+            self._key_id,
+            KeyId=self._key_id,
+            Plaintext=plaintext,
+            EncryptionContext=dict(context),
+        )
+        return (
+            _field(response, "CiphertextBlob", bytes, "Encrypt"),
+            _field(response, "KeyId", str, "Encrypt"),
+        )
+
+    def unwrap(self, wrapped: bytes, context: Mapping[str, str], kms_key_id: str) -> bytes:
+        response = self._call(
+            "Decrypt",
+            kms_key_id,
+            CiphertextBlob=wrapped,
+            EncryptionContext=dict(context),
+            KeyId=kms_key_id,
+        )
+        return _field(response, "Plaintext", bytes, "Decrypt")
+
+    def rewrap_from(
+        self, source: KeyProvider, wrapped: bytes, context: Mapping[str, str], kms_key_id: str
+    ) -> tuple[bytes, str]:
+        if not (isinstance(source, AwsKms) and self._same_endpoint(source)):
+            # Another provider, or another region/endpoint that cannot see the source key.
+            return self.wrap(source.unwrap(wrapped, context, kms_key_id), context)
+        # Server-side: the plaintext data key never leaves KMS.
+        response = self._call(
+            "ReEncrypt",
+            f"{kms_key_id} -> {self._key_id}",
+            CiphertextBlob=wrapped,
+            SourceEncryptionContext=dict(context),
+            SourceKeyId=kms_key_id,
+            DestinationKeyId=self._key_id,
+            DestinationEncryptionContext=dict(context),
+        )
+        return (
+            _field(response, "CiphertextBlob", bytes, "ReEncrypt"),
+            _field(response, "KeyId", str, "ReEncrypt"),
+        )
+
+    def owns(self, kms_key_id: str) -> bool:
+        return kms_key_id == self._resolve_arn()
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _resolve_arn(self) -> str:
+        """This CMK's ARN: ``DescribeKey`` once, then memoized."""
+        if self._arn is None:
+            with self._arn_lock:
+                if self._arn is None:
+                    response = self._call("DescribeKey", self._key_id, KeyId=self._key_id)
+                    metadata = response.get("KeyMetadata")
+                    if not isinstance(metadata, dict):
+                        _malformed("DescribeKey", "KeyMetadata")
+                    self._arn = _field(metadata, "Arn", str, "DescribeKey")
+        return self._arn
+
+    def _same_endpoint(self, other: AwsKms) -> bool:
+        mine, theirs = self._client.meta, other._client.meta
+        return bool(
+            mine.region_name == theirs.region_name and mine.endpoint_url == theirs.endpoint_url
+        )
+
+    def _call(self, operation: str, cmk: str, **params: Any) -> dict[str, Any]:
+        method = getattr(self._client, _snake_case(operation))
+        try:
+            response: dict[str, Any] = method(**params)
+        except Exception as exc:
+            _translate(exc, operation, cmk)
+            raise
+        return response
+
+    def __repr__(self) -> str:
+        return f"AwsKms({self._key_id!r})"
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("AwsKms holds a boto3 client and cannot be pickled; build one per process")
+
+    def __copy__(self) -> AwsKms:
+        return self  # immutable apart from a memo; boto3 clients do not copy
+
+    def __deepcopy__(self, memo: object) -> AwsKms:
+        return self
+
+
+def _make_client(region_name: str | None, endpoint_url: str | None) -> Any:
+    try:
+        import boto3
+        from botocore.exceptions import BotoCoreError
+    except ImportError:
+        raise ConfigurationError(f"AwsKms needs boto3: {_INSTALL_HINT}") from None
+    try:
+        # A session per provider: boto3's default session is not safe to share across threads.
+        session = boto3.session.Session()
+        return session.client("kms", region_name=region_name, endpoint_url=endpoint_url)
+    except BotoCoreError as exc:
+        # e.g. NoRegionError: nothing secret in botocore's text here.
+        raise ConfigurationError(
+            f"cannot create an AWS KMS client: {exc} (pass region_name= or set AWS_DEFAULT_REGION)"
+        ) from None
+
+
+def _translate(exc: Exception, operation: str, cmk: str) -> None:
+    """Raise ``KmsError`` for botocore failures; return for anything else."""
+    try:
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            ParamValidationError,
+            ValidationError,
+        )
+    except ImportError:  # a client that is not botocore's: leave its errors alone
+        return
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code") or "Unknown")
+        detail = error.get("Message")
+        text = f"AWS KMS {operation} failed for {cmk}: {code}"
+        # AWS error texts describe keys and requests, never the data sent.
+        raise KmsError(f"{text}: {detail}" if detail else text, code=code) from exc
+    if isinstance(exc, (ParamValidationError, ValidationError)):
+        # botocore's report quotes the parameter values, which may include a data key.
+        raise KmsError(
+            f"AWS KMS {operation} failed for {cmk}: botocore rejected the request parameters"
+        ) from None
+    if isinstance(exc, BotoCoreError):
+        raise KmsError(
+            f"AWS KMS {operation} failed for {cmk}: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _field(response: Mapping[str, Any], name: str, kind: type[_T], operation: str) -> _T:
+    value = response.get(name)
+    if not isinstance(value, kind):
+        _malformed(operation, name)
+    return value
+
+
+def _malformed(operation: str, name: str) -> NoReturn:
+    raise KmsError(f"AWS KMS {operation} returned a response without a valid {name}")
+
+
+def _is_key_arn(key_id: str) -> bool:
+    return key_id.startswith("arn:") and ":key/" in key_id
+
+
+def _snake_case(operation: str) -> str:
+    return "".join("_" + c.lower() if c.isupper() else c for c in operation).lstrip("_")
