@@ -1,0 +1,105 @@
+"""What SQL may ask of an encrypted column.
+
+Randomized ciphertext says nothing about its plaintext, so every comparison
+but ``IS [NOT] NULL`` is refused when the statement is built, naming the
+column. A deterministic column answers ``==``, ``!=``, ``in_`` and
+``not_in``: the value is encrypted under every readable key of the scope (so
+rows not yet re-encrypted after a rotation still match), at execution time,
+through an expanding bind parameter; building the statement does no I/O.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy.sql import operators
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.types import TypeDecorator
+
+from .errors import EncryptedComparisonError
+
+if TYPE_CHECKING:
+    from .column import Encrypted
+
+# Operators that never look at the value: ordering ciphertext (documented) and NULL tests.
+_PASS = frozenset(
+    {
+        operators.is_,
+        operators.is_not,
+        operators.asc_op,
+        operators.desc_op,
+        operators.nulls_first_op,
+        operators.nulls_last_op,
+        operators.distinct_op,
+        operators.collate,
+    }
+)
+_EQUALITY = {
+    operators.eq: operators.in_op,
+    operators.ne: operators.not_in_op,
+    operators.in_op: operators.in_op,
+    operators.not_in_op: operators.not_in_op,
+}
+
+
+def _name(expr: Any) -> str:
+    table = getattr(getattr(expr, "table", None), "name", None)
+    column = getattr(expr, "name", None) or "?"
+    return f"{table}.{column}" if table else str(column)
+
+
+class EncryptedComparator(TypeDecorator.Comparator[Any]):
+    __slots__ = ()
+
+    def operate(self, op: Any, *other: Any, **kwargs: Any) -> ColumnElement[Any]:
+        if op in _PASS:
+            return super().operate(op, *other, **kwargs)
+        type_: Encrypted = self.expr.type
+        if op in (operators.eq, operators.ne) and other and other[0] is None:
+            return super().operate(op, *other, **kwargs)  # renders IS [NOT] NULL
+        name = _name(self.expr)
+        if not type_.deterministic:
+            raise EncryptedComparisonError(
+                f"{name} is encrypted with random nonces, so SQL cannot compare it "
+                f"({getattr(op, '__name__', op)}); only IS NULL / IS NOT NULL work. "
+                "Use deterministic=True for a column you must look up by equality."
+            )
+        target = _EQUALITY.get(op)
+        if target is None:
+            raise EncryptedComparisonError(
+                f"{name} is encrypted deterministically: only ==, !=, in_() and not_in() "
+                f"can be answered, not {getattr(op, '__name__', op)}"
+            )
+        values = _plain_values(name, op, other[0])
+        return super().operate(target, _lookup_parameter(type_, values), **kwargs)
+
+    def reverse_operate(self, op: Any, other: Any, **kwargs: Any) -> ColumnElement[Any]:
+        if op in (operators.eq, operators.ne):
+            return self.operate(op, other, **kwargs)
+        raise EncryptedComparisonError(f"{_name(self.expr)} is encrypted and cannot be compared")
+
+
+def _plain_values(name: str, op: Any, other: Any) -> Sequence[Any]:
+    values = other if op in (operators.in_op, operators.not_in_op) else [other]
+    if isinstance(values, (ColumnElement, sa.sql.Select)) or not isinstance(values, (list, tuple, set, frozenset)):
+        raise EncryptedComparisonError(
+            f"{name} can only be compared with Python values, not with SQL expressions "
+            "(each column encrypts under its own sub-key)"
+        )
+    values = list(values)
+    if any(isinstance(v, (ColumnElement, sa.sql.ClauseElement)) for v in values):
+        raise EncryptedComparisonError(f"{name} can only be compared with Python values")
+    return values
+
+
+def _lookup_parameter(type_: Encrypted, values: Sequence[Any]) -> sa.BindParameter[Any]:
+    return sa.bindparam(
+        f"{type_.bound_name()}_lookup",
+        callable_=functools.partial(type_.lookup_ciphertexts, tuple(values)),
+        expanding=True,
+        type_=sa.LargeBinary(),
+        unique=True,
+    )

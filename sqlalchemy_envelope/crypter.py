@@ -1,0 +1,131 @@
+"""Encrypts and decrypts the bytes of one column (the codec-free layer).
+
+A ``ColumnCrypter`` knows its table, column, scope and mode, derives one
+sub-key per data key and remembers the resulting ciphers, keyed by the six
+header bytes that every stored value starts with. The column type wraps it
+with a codec; the batch jobs and the CLI use it directly on bytes, which is
+how they work from the database alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from . import wire
+from ._crypto import AuthenticationFailed, column_cipher
+from .cache import clock
+from .errors import DecryptionError, where
+
+if TYPE_CHECKING:
+    from .envelope import Envelope
+    from .keys import DataKey
+
+
+class Cipher(NamedTuple):
+    expires: float
+    key_id: int
+    head: bytes
+    seal: Callable[[bytes], bytes]
+    open: Callable[[bytes], bytes]
+
+
+class ColumnCrypter:
+    def __init__(
+        self, envelope: Envelope, table: str, column: str, *, scope: str | None = None, deterministic: bool
+    ) -> None:
+        self.envelope = envelope
+        self.table = table
+        self.column = column
+        self.scope = scope or table
+        self.deterministic = deterministic
+        self.algorithm = wire.DETERMINISTIC if deterministic else wire.RANDOMIZED
+        #: header bytes -> cipher; read by the hot path without a lock (dict
+        #: reads and writes are atomic, and a lost write only costs a re-derive).
+        self.ciphers: dict[bytes, Cipher] = {}
+        self.active: Cipher | None = None
+        self._warm_until = 0.0
+        envelope._subscribe(self)
+
+    def __repr__(self) -> str:
+        mode = "deterministic" if self.deterministic else "randomized"
+        return f"ColumnCrypter({self.table}.{self.column}, scope={self.scope!r}, {mode})"
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a column crypter cannot be pickled")
+
+    def where(self, key_id: int | None = None) -> str:
+        return where(self.table, self.column, key_id)
+
+    # -- slow paths (the hot path lives in the column type's processors) -------------
+    def _derive(self, algorithm: int, key: DataKey, expires: float) -> Cipher:
+        head = wire.header(algorithm, key.id)
+        seal, open_ = column_cipher(
+            algorithm == wire.DETERMINISTIC,
+            key.material,
+            wire.subkey_info(algorithm, key.id, self.table, self.column),
+            wire.associated_data(head, self.table, self.column),
+            wire.HEADER_BYTES,
+        )
+        cipher = Cipher(expires, key.id, head, seal, open_)
+        self.ciphers[head] = cipher
+        return cipher
+
+    def for_writing(self) -> Cipher:
+        """The cipher under the scope's active key (creating the key if needed)."""
+        cipher = self.active
+        if cipher is None or cipher.expires <= clock():
+            expires, key = self.envelope._keys().active_key(self.scope)
+            cipher = self._derive(self.algorithm, key, expires)
+            self.active = cipher
+        return cipher
+
+    def for_reading(self, value: bytes) -> Cipher:
+        """The cipher that opens ``value``; DecryptionError if it is not one of ours."""
+        cipher = self.ciphers.get(value[: wire.HEADER_BYTES])
+        if cipher is not None and cipher.expires > clock():
+            return cipher
+        parsed = wire.parse_header(value)
+        if parsed is None:
+            raise DecryptionError(f"{self.where()}: the stored value is not a valid encrypted value")
+        algorithm, key_id = parsed
+        expires, key = self.envelope._keys().data_key(key_id)
+        return self._derive(algorithm, key, expires)
+
+    def for_lookup(self) -> list[Cipher]:
+        """Deterministic ciphers under every readable key of the scope."""
+        keys = self.envelope._keys().readable_keys(self.scope)
+        return [self._derive(self.algorithm, key, expires) for expires, key in keys]
+
+    # -- bytes in, bytes out ---------------------------------------------------------
+    def encrypt(self, plaintext: bytes) -> bytes:
+        cipher = self.for_writing()
+        return cipher.head + cipher.seal(plaintext)
+
+    def decrypt(self, value: bytes) -> bytes:
+        cipher = self.for_reading(value)
+        try:
+            return cipher.open(value)
+        except AuthenticationFailed:
+            raise DecryptionError(
+                f"{self.where(cipher.key_id)}: the stored value did not authenticate "
+                "(tampered, truncated, moved from another column, or foreign)"
+            ) from None
+
+    def forget(self, key_id: int | None, scope: str | None) -> None:
+        """Drop derived ciphers after a key changed (destroyed, rotated, re-wrapped)."""
+        if scope is None or scope == self.scope:
+            self.active = None
+            self._warm_until = 0.0
+        if key_id is None and scope is None:
+            self.ciphers.clear()
+        elif key_id is not None:
+            for head in [h for h, c in self.ciphers.items() if c.key_id == key_id]:
+                self.ciphers.pop(head, None)
+
+    def prefetch(self) -> None:
+        """Load every readable key of the scope (used under asyncio, see ``events``)."""
+        if self._warm_until > clock():
+            return
+        ciphers = self.for_lookup()
+        self._warm_until = min((c.expires for c in ciphers), default=0.0)

@@ -1,0 +1,61 @@
+"""The error hierarchy: one root, one class per thing a caller can act on.
+
+Messages name the table, column and key id where known; they never carry
+plaintext, ciphertext or key material.
+"""
+
+from __future__ import annotations
+
+
+class EnvelopeError(Exception):
+    """Root of every error this library raises."""
+
+
+class ConfigurationError(EnvelopeError):
+    """The envelope, a column or a provider is missing a setting or is misused."""
+
+
+class KmsError(EnvelopeError):
+    """The KMS refused a request or could not be reached.
+
+    ``code`` holds the provider's error code (for AWS, e.g. ``AccessDeniedException``)
+    when there is one.
+    """
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class DecryptionError(EnvelopeError):
+    """A stored value did not authenticate: tampered, truncated, moved or foreign.
+
+    Deliberately one class for every cause, so that the error tells an attacker
+    nothing about which check failed.
+    """
+
+
+class KeyNotFoundError(EnvelopeError):
+    """A value or an operation names a data key that the keyring does not hold."""
+
+
+class KeyDestroyedError(KeyNotFoundError):
+    """The data key was crypto-shredded; values under it are gone for good."""
+
+
+class KeyInUseError(EnvelopeError):
+    """A data key cannot be destroyed while values still use it (pass ``force=True``)."""
+
+
+class EncryptedComparisonError(EnvelopeError):
+    """A SQL comparison was asked of an encrypted column that cannot answer it."""
+
+
+class ValueTypeError(EnvelopeError, TypeError):
+    """A Python value of the wrong type was bound to an encrypted column."""
+
+
+def where(table: str | None, column: str | None, key_id: int | None = None) -> str:
+    """The location part of a message: ``patients.ssn (key 3)``."""
+    text = f"{table or '?'}.{column or '?'}"
+    return text if key_id is None else f"{text} (key {key_id})"

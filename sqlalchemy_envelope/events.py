@@ -1,0 +1,74 @@
+"""The two engine events the library installs, once, for every engine.
+
+* ``handle_error``: when a bind processor raises (a KMS outage during a flush,
+  a value of the wrong type), SQLAlchemy builds a ``StatementError`` whose text
+  lists the statement's parameters, before encryption, that is in plaintext.
+  For errors of ours, the parameters are dropped from the exception.
+* ``before_cursor_execute``: under asyncio, a plain ``AsyncConnection.execute``
+  processes result rows after the statement's greenlet has finished, where no
+  I/O is possible. Just before such a statement runs (inside the greenlet), the
+  keys of the scopes its result columns read are loaded, so decryption later
+  finds them in memory. Synchronous engines skip this at the cost of one check.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Engine, ExceptionContext
+
+from . import _runtime
+from .errors import EnvelopeError
+
+_installed = False
+_lock = threading.Lock()
+_readers: weakref.WeakKeyDictionary[Any, tuple[Any, ...]] = weakref.WeakKeyDictionary()
+
+
+def install() -> None:
+    global _installed
+    with _lock:
+        if _installed:
+            return
+        event.listen(Engine, "handle_error", _redact_parameters)
+        event.listen(Engine, "before_cursor_execute", _prefetch_for_async)
+        _installed = True
+
+
+def _redact_parameters(context: ExceptionContext) -> None:
+    error = context.sqlalchemy_exception
+    if isinstance(context.original_exception, EnvelopeError) and isinstance(error, sa.exc.StatementError):
+        error.params = None
+        error.hide_parameters = True
+
+
+def _prefetch_for_async(
+    conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+) -> None:
+    if not _runtime.in_greenlet() or context is None or context.compiled is None:
+        return
+    compiled = context.compiled
+    readers = _readers.get(compiled)
+    if readers is None:
+        readers = _readers[compiled] = _crypters_read_by(compiled)
+    for crypter in readers:
+        crypter.prefetch()
+
+
+def _crypters_read_by(compiled: Any) -> tuple[Any, ...]:
+    from .column import Encrypted
+
+    found = {}
+    for entry in getattr(compiled, "_result_columns", ()) or ():
+        type_ = entry[3]
+        if isinstance(type_, Encrypted):
+            try:
+                crypter = type_.crypter()
+            except EnvelopeError:
+                continue
+            found[id(crypter)] = crypter
+    return tuple(found.values())

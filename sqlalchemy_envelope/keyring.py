@@ -1,0 +1,184 @@
+"""The keyring table and the SQL that reads and writes it.
+
+One row per data key. ``wrapped_key`` is the data key as the KMS wrapped it;
+the plaintext key never reaches the database. ``active_scope`` equals
+``scope`` on the scope's one active key and is NULL otherwise: a plain UNIQUE
+constraint on it (NULLs never collide) keeps a scope to one active key on
+every backend, so two processes racing to create a scope's first key cannot
+both win. Every write runs in its own short transaction on the keyring's
+engine, independent of the application's transaction, so a rollback there
+never leaves ciphertext whose key row vanished.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+ACTIVE, RETIRED, DESTROYED = "active", "retired", "destroyed"
+STATES = (ACTIVE, RETIRED, DESTROYED)
+
+
+def keyring_table(metadata: sa.MetaData, name: str) -> sa.Table:
+    return sa.Table(
+        name,
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("scope", sa.String(255), nullable=False, index=True),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("active_scope", sa.String(255), nullable=True, unique=True),
+        sa.Column("wrapped_key", sa.LargeBinary, nullable=True),
+        sa.Column("kms_key_id", sa.String(2048), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("retired_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("destroyed_at", sa.DateTime(timezone=True), nullable=True),
+        sa.CheckConstraint(f"state IN {STATES!r}", name=f"ck_{name}_state"),
+        sa.CheckConstraint(
+            "(state = 'active' AND active_scope = scope) OR "
+            "(state <> 'active' AND active_scope IS NULL)",
+            name=f"ck_{name}_active_scope",
+        ),
+        sa.CheckConstraint(
+            "(state = 'destroyed') = (wrapped_key IS NULL)", name=f"ck_{name}_shredded"
+        ),
+        comment="sqlalchemy-envelope data keys, wrapped by a KMS master key",
+    )
+
+
+@dataclass(frozen=True)
+class KeyRow:
+    """One keyring row; the wrapped key stays out of the repr."""
+
+    id: int
+    scope: str
+    state: str
+    kms_key_id: str
+    created_at: dt.datetime
+    wrapped_key: bytes | None = field(default=None, repr=False)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class Keyring:
+    """Reads and writes keyring rows on the keyring's engine."""
+
+    def __init__(self, table: sa.Table, engine: Engine | AsyncEngine) -> None:
+        self.table = table
+        # Under asyncio the synchronous facade is driven from SQLAlchemy's
+        # greenlet, so keyring I/O yields to the event loop like any statement.
+        self.engine: Engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+
+    def __repr__(self) -> str:
+        return f"Keyring(table={self.table.name!r}, engine={self.engine.url!r})"
+
+    @contextmanager
+    def begin(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    def _select(self) -> sa.Select[Any]:
+        t = self.table
+        return sa.select(t.c.id, t.c.scope, t.c.state, t.c.kms_key_id, t.c.created_at, t.c.wrapped_key)
+
+    @staticmethod
+    def _row(row: Any) -> KeyRow:
+        wrapped = row.wrapped_key
+        created = row.created_at
+        if created.tzinfo is None:  # SQLite and MySQL drop the offset; we always write UTC
+            created = created.replace(tzinfo=dt.timezone.utc)
+        return KeyRow(
+            id=row.id,
+            scope=row.scope,
+            state=row.state,
+            kms_key_id=row.kms_key_id,
+            created_at=created,
+            wrapped_key=None if wrapped is None else bytes(wrapped),
+        )
+
+    def get(self, key_id: int, conn: Connection | None = None) -> KeyRow | None:
+        stmt = self._select().where(self.table.c.id == key_id)
+        if conn is not None:
+            row = conn.execute(stmt).first()
+        else:
+            with self.engine.connect() as c:
+                row = c.execute(stmt).first()
+        return None if row is None else self._row(row)
+
+    def active(self, scope: str) -> KeyRow | None:
+        stmt = self._select().where(self.table.c.active_scope == scope)
+        with self.engine.connect() as conn:
+            row = conn.execute(stmt).first()
+        return None if row is None else self._row(row)
+
+    def rows(self, scope: str | None = None, *, states: Sequence[str] = STATES) -> list[KeyRow]:
+        stmt = self._select().where(self.table.c.state.in_(list(states))).order_by(self.table.c.id)
+        if scope is not None:
+            stmt = stmt.where(self.table.c.scope == scope)
+        with self.engine.connect() as conn:
+            return [self._row(r) for r in conn.execute(stmt)]
+
+    def insert_active(self, scope: str, wrapped: bytes, kms_key_id: str) -> KeyRow | None:
+        """Insert the scope's active key; None when another writer's key won the race."""
+        try:
+            with self.begin() as conn:
+                return self._insert_active(conn, scope, wrapped, kms_key_id)
+        except sa.exc.IntegrityError:
+            return None
+
+    def replace_active(self, scope: str, wrapped: bytes, kms_key_id: str) -> tuple[KeyRow, int | None]:
+        """Retire the scope's active key (if any) and insert a new one, atomically."""
+        t = self.table
+        with self.begin() as conn:
+            old = conn.execute(
+                sa.select(t.c.id).where(t.c.active_scope == scope).with_for_update()
+            ).scalar()
+            if old is not None:
+                conn.execute(
+                    t.update()
+                    .where(t.c.id == old)
+                    .values(state=RETIRED, active_scope=None, retired_at=_now())
+                )
+            return self._insert_active(conn, scope, wrapped, kms_key_id), old
+
+    def _insert_active(self, conn: Connection, scope: str, wrapped: bytes, kms_key_id: str) -> KeyRow:
+        created = _now()
+        key_id = conn.execute(
+            self.table.insert().values(
+                scope=scope,
+                state=ACTIVE,
+                active_scope=scope,
+                wrapped_key=wrapped,
+                kms_key_id=kms_key_id,
+                created_at=created,
+            )
+        ).inserted_primary_key[0]
+        return KeyRow(key_id, scope, ACTIVE, kms_key_id, created, wrapped)
+
+    def set_wrapped(self, key_id: int, wrapped: bytes, kms_key_id: str, *, expect: bytes) -> bool:
+        """Compare-and-set the wrapped form of a key (for re-wrapping); False if it changed."""
+        t = self.table
+        with self.begin() as conn:
+            result = conn.execute(
+                t.update()
+                .where(t.c.id == key_id, t.c.wrapped_key == expect)
+                .values(wrapped_key=wrapped, kms_key_id=kms_key_id)
+            )
+            return bool(result.rowcount)
+
+    def destroy(self, key_id: int) -> None:
+        t = self.table
+        with self.begin() as conn:
+            conn.execute(
+                t.update()
+                .where(t.c.id == key_id)
+                .values(state=DESTROYED, active_scope=None, wrapped_key=None, destroyed_at=_now())
+            )

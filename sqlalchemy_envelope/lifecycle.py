@@ -1,0 +1,133 @@
+"""Key lifecycle: rotate, re-wrap, shred and list data keys.
+
+Every event is logged at INFO on the ``sqlalchemy_envelope`` logger with the
+scope and key ids, never key material.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import sqlalchemy as sa
+
+from . import wire
+from .errors import KeyInUseError, KeyNotFoundError
+from .keyring import DESTROYED
+from .keys import DataKey
+from .kms.base import KeyProvider, scope_context
+
+if TYPE_CHECKING:
+    from .envelope import Envelope
+
+log = logging.getLogger("sqlalchemy_envelope")
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """A keyring entry as operators see it: never key material."""
+
+    id: int
+    scope: str
+    state: str
+    created_at: dt.datetime
+    kms_key_id: str
+
+
+def keys(envelope: Envelope, scope: str | None = None) -> list[KeyInfo]:
+    return [
+        KeyInfo(r.id, r.scope, r.state, r.created_at, r.kms_key_id)
+        for r in envelope.keyring().rows(scope)
+    ]
+
+
+def rotate(envelope: Envelope, scope: str) -> int:
+    if not isinstance(scope, str) or not scope:
+        raise ValueError("scope must be a non-empty string")
+    manager = envelope._keys()
+    generated = manager.call_kms(manager.kms.generate_data_key, scope_context(scope))
+    row, old = manager.keyring.replace_active(scope, generated.wrapped, generated.kms_key_id)
+    envelope._forget(scope=scope)
+    manager.cache.put(row.id, DataKey(row.id, scope, generated.plaintext))
+    manager.stats.add("keys_created")
+    log.info("rotated scope %r: key %d is active, key %s retired", scope, row.id, old)
+    return row.id
+
+
+def rewrap(
+    envelope: Envelope, kms: KeyProvider, *, progress: Callable[[int, int | None], None] | None = None
+) -> int:
+    """Re-wrap every live data key under ``kms``; resumable (keys already there are skipped)."""
+    if not isinstance(kms, KeyProvider):
+        raise TypeError(f"kms must be a KMS provider such as AwsKms or LocalKms, not {type(kms).__name__}")
+    manager = envelope._keys()
+    rows = [r for r in manager.keyring.rows() if r.wrapped_key is not None]
+    moved = 0
+    for done, row in enumerate(rows, 1):
+        assert row.wrapped_key is not None
+        if not manager.call_kms(kms.owns, row.kms_key_id):
+            wrapped, kms_key_id = manager.call_kms(
+                kms.rewrap_from, manager.kms, row.wrapped_key, scope_context(row.scope), row.kms_key_id
+            )
+            if manager.keyring.set_wrapped(row.id, wrapped, kms_key_id, expect=row.wrapped_key):
+                moved += 1
+                log.info("re-wrapped data key %d of scope %r under %s", row.id, row.scope, kms_key_id)
+        if progress is not None:
+            progress(done, len(rows))
+    envelope.configure(kms=kms, engine=manager.keyring.engine)
+    log.info("re-wrap finished: %d of %d data keys moved; the envelope now uses %r", moved, len(rows), kms)
+    return moved
+
+
+def destroy(envelope: Envelope, key_id: int, *, force: bool = False) -> None:
+    if isinstance(key_id, bool) or not isinstance(key_id, int):
+        raise TypeError("key_id must be an integer")
+    keyring = envelope.keyring()
+    row = keyring.get(key_id)
+    if row is None:
+        raise KeyNotFoundError(f"data key {key_id} is not in the keyring")
+    if row.state == DESTROYED:
+        log.info("data key %d of scope %r was already destroyed", key_id, row.scope)
+        return
+    if not force:
+        users = usage(keyring.engine, key_id)
+        if users:
+            where = ", ".join(f"{t}.{c} ({n})" for (t, c), n in sorted(users.items()))
+            raise KeyInUseError(
+                f"data key {key_id} of scope {row.scope!r} still encrypts values in {where}; "
+                "run reencrypt on those tables first, or pass force=True to shred them too"
+            )
+    keyring.destroy(key_id)
+    envelope._forget(key_id=key_id, scope=row.scope)
+    log.info("destroyed data key %d of scope %r (forced=%s)", key_id, row.scope, force)
+
+
+def usage(engine: sa.engine.Engine, key_id: int) -> dict[tuple[str, str], int]:
+    """How many values in each binary column of the database carry ``key_id`` in their header."""
+    key_bytes = key_id.to_bytes(4, "big")
+    counts: dict[tuple[str, str], int] = {}
+    with engine.connect() as conn:
+        inspector = sa.inspect(conn)
+        for table_name in inspector.get_table_names():
+            columns = [
+                c["name"]
+                for c in inspector.get_columns(table_name)
+                if isinstance(c["type"], (sa.LargeBinary, sa.types._Binary))
+            ]
+            if not columns:
+                continue
+            table = sa.table(table_name, *(sa.column(c, sa.LargeBinary) for c in columns))
+            for name in columns:
+                col = table.c[name]
+                n = conn.execute(
+                    sa.select(sa.func.count()).where(
+                        sa.func.substr(col, 1, 1) == bytes([wire.VERSION]),
+                        sa.func.substr(col, 3, 4) == key_bytes,
+                    )
+                ).scalar_one()
+                if n:
+                    counts[(table_name, name)] = n
+    return counts
