@@ -149,6 +149,8 @@ class Encrypted(TypeDecorator[Any]):
     def _attach_table(self, column: sa.Column[Any], table: sa.Table) -> None:
         self._binding.table = table.name
         self._binding.name = column.name
+        if self.envelope is not None:
+            self.envelope.columns[(table.name, column.name)] = self.scope or table.name
 
     def for_column(self, table: str, column: str, envelope: Envelope | None = None) -> Encrypted:
         """A copy of this type bound to ``table.column`` (for migrations and tools)."""

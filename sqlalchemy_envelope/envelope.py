@@ -68,6 +68,8 @@ class Envelope:
         self._manager: KeyManager | None = None
         self._keyring: Keyring | None = None
         self._crypters: weakref.WeakSet[ColumnCrypter] = weakref.WeakSet()
+        #: ``(table, column) -> scope`` of every column declared with this envelope.
+        self.columns: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()
         events.install()
 
@@ -97,6 +99,7 @@ class Envelope:
                     capacity=self.cache_capacity,
                     refresh=self.keyring_refresh,
                     stats=self.stats,
+                    known_scopes=lambda: set(self.columns.values()),
                 )
             )
             for crypter in list(self._crypters):

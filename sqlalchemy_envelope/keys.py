@@ -48,9 +48,18 @@ class KeyManager:
     """
 
     def __init__(
-        self, keyring: Keyring, kms: KeyProvider, *, ttl: float, capacity: int, refresh: float, stats: Stats
+        self,
+        keyring: Keyring,
+        kms: KeyProvider,
+        *,
+        ttl: float,
+        capacity: int,
+        refresh: float,
+        stats: Stats,
+        known_scopes: Callable[[], set[str]] = set,
     ) -> None:
         self.keyring = keyring
+        self.known_scopes = known_scopes
         self.kms = kms
         self.stats = stats
         self.cache: Cache[DataKey] = Cache(ttl=ttl, capacity=capacity, stats=stats)
@@ -107,6 +116,8 @@ class KeyManager:
         def load() -> int:
             row = self.keyring.active(scope)
             if row is None:
+                if self.keyring.engine.dialect.name == "sqlite":
+                    self._create_all_missing(scope)
                 return self._create(scope)
             self.cache.get_or_load(row.id, lambda: self._unwrap(row))
             return row.id
@@ -128,6 +139,15 @@ class KeyManager:
             except KeyNotFoundError:
                 continue  # shredded since the list was read
         return keys
+
+    def _create_all_missing(self, scope: str) -> None:
+        # SQLite has one writer at a time: a transaction that already wrote
+        # would block the keyring's own connection. So the first scope that
+        # needs a key creates those of every other declared scope too, before
+        # the application's transaction can hold the lock in their way.
+        active = {r.scope for r in self.keyring.rows(states=(ACTIVE,))}
+        for other in sorted(self.known_scopes() - active - {scope}):
+            self.meta.get_or_load(("active", other), lambda other=other: self._create(other))  # type: ignore[misc]
 
     def _create(self, scope: str) -> int:
         generated = self.call_kms(self.kms.generate_data_key, scope_context(scope))
