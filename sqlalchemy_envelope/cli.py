@@ -36,7 +36,7 @@ import sqlalchemy as sa
 
 from . import __version__
 from .envelope import Envelope
-from .errors import EnvelopeError
+from .errors import ConfigurationError, EnvelopeError, KeyInUseError
 from .kms.base import KeyProvider
 
 ProgressFn = Callable[[int, int | None], None]
@@ -62,6 +62,11 @@ class KmsSpec:
         if self.kind == "local":
             from .kms.local import LocalKms
 
+            if not os.path.exists(self.target):
+                raise ConfigurationError(
+                    f"key file {self.target} does not exist; create a new master key with: "
+                    f"sqlalchemy-envelope keys generate-master-key {self.target}"
+                )
             return LocalKms.from_file(self.target)
         from .kms.aws import AwsKms
 
@@ -313,6 +318,23 @@ def keys_list(ctx: click.Context, scope: str | None, as_json: bool) -> None:
         )
 
 
+@keys.command("generate-master-key")
+@click.argument("path", type=click.Path(dir_okay=False))
+def keys_generate_master_key(path: str) -> None:
+    """Write a new local master key to PATH (mode 0600); never overwrites a file.
+
+    For development and small deployments: use it as --kms local:PATH, and keep
+    a backup where the database's backups are not.
+    """
+    from .kms.local import LocalKms
+
+    if os.path.lexists(path):
+        raise click.ClickException(f"{path} exists already; a key file is never overwritten")
+    kms = LocalKms.from_file(path, create=True)
+    click.echo(f"wrote a new master key to {path} (mode 0600); its key id is {kms.kms_key_id}")
+    click.echo("back it up: values under data keys it wraps cannot be read without it")
+
+
 @keys.command("rotate")
 @click.argument("scope")
 @click.pass_context
@@ -368,7 +390,11 @@ def keys_destroy(ctx: click.Context, key_id: int, force: bool) -> None:
         click.echo(f"data key {key_id} of scope {entry.scope!r} was already destroyed")
         return
     lost = usage(envelope.engine, key_id) if force and entry is not None else {}
-    envelope.destroy(key_id, force=force)
+    try:
+        envelope.destroy(key_id, force=force)
+    except KeyInUseError as exc:
+        message = str(exc).replace("pass force=True", "pass --force")
+        raise click.ClickException(f"{message} (KeyInUseError)") from None
     scope = entry.scope if entry is not None else "?"
     click.echo(f"destroyed data key {key_id} of scope {scope!r}")
     for (table, column), n in sorted(lost.items()):
@@ -397,10 +423,10 @@ def reencrypt(ctx: click.Context, table: str, batch_size: int, columns: tuple[st
 
     Batched and resumable: after an interruption, run the same command again.
     """
-    from . import jobs
-
     settings = _settings(ctx)
     envelope = settings.envelope()
+    from . import jobs
+
     try:
         with settings.progress_bar(f"re-encrypting {table}", "rows") as progress:
             report = jobs.reencrypt(
@@ -430,9 +456,9 @@ def verify(ctx: click.Context, table: str, columns: tuple[str, ...], as_json: bo
 
     Prints counts, never a value. Exits 1 when a value is plaintext or unreadable.
     """
+    envelope = _settings(ctx).envelope()
     from . import jobs
 
-    envelope = _settings(ctx).envelope()
     report = jobs.verify(envelope, table, columns=_columns(columns))
     by_key: dict[int, int] = dict(sorted(report.by_key.items()))
     if as_json:
