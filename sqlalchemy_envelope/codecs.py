@@ -163,11 +163,11 @@ def _uuid(as_uuid: bool) -> Codec:
 
 
 def _enum(inner: sa.Enum) -> Codec:
-    # The Enum's own lookups: the same validation (LookupError) and the same
-    # name/value mapping as a plaintext Enum column.
-    to_db: Callable[[Any], str] = inner._db_value_for_elem
+    # The Enum's own lookups give the same name/value mapping as a plaintext Enum
+    # column; unlike it, unknown strings are refused (the database cannot check them).
+    valid: dict[Any, str] = inner._valid_lookup
     from_db: Callable[[str], Any] = inner._object_value_for_elem
-    return Codec(lambda v: to_db(v).encode(), lambda b: from_db(b.decode()), "a member of the Enum")
+    return Codec(lambda v: valid[v].encode(), lambda b: from_db(b.decode()), "a member of the Enum")
 
 
 def _decorated(inner: sa.types.TypeDecorator[Any], dialect: Dialect | None) -> Codec:

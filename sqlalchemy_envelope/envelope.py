@@ -102,6 +102,8 @@ class Envelope:
                     known_scopes=lambda: set(self.columns.values()),
                 )
             )
+            if self._manager is not None:
+                events.watch_sqlite(self._manager)
             for crypter in list(self._crypters):
                 crypter.forget(None, None)
 

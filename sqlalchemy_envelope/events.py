@@ -4,6 +4,11 @@
   a value of the wrong type), SQLAlchemy builds a ``StatementError`` whose text
   lists the statement's parameters, before encryption, that is in plaintext.
   For errors of ours, the parameters are dropped from the exception.
+* ``begin``, on SQLite only: SQLite has one writer at a time, so once an
+  application transaction has written, the keyring's own connection could not
+  create a new scope's first key until it ends. When a transaction begins (before
+  it holds any lock), the active keys of every scope declared with the envelope
+  are made to exist, once per process and scope.
 * ``before_cursor_execute``: under asyncio, a plain ``AsyncConnection.execute``
   processes result rows after the statement's greenlet has finished, where no
   I/O is possible. Just before such a statement runs (inside the greenlet), the
@@ -27,6 +32,8 @@ from .errors import EnvelopeError
 _installed = False
 _lock = threading.Lock()
 _readers: weakref.WeakKeyDictionary[Any, tuple[Any, ...]] = weakref.WeakKeyDictionary()
+_sqlite_managers: weakref.WeakSet[Any] = weakref.WeakSet()
+_preparing = threading.local()
 
 
 def install() -> None:
@@ -36,7 +43,29 @@ def install() -> None:
             return
         event.listen(Engine, "handle_error", _redact_parameters)
         event.listen(Engine, "before_cursor_execute", _prefetch_for_async)
+        event.listen(Engine, "begin", _prepare_sqlite_scopes)
         _installed = True
+
+
+def watch_sqlite(manager: Any) -> None:
+    """Prepare ``manager``'s scopes whenever a transaction begins on its SQLite engine."""
+    if manager.keyring.engine.dialect.name == "sqlite":
+        _sqlite_managers.add(manager)
+
+
+def _prepare_sqlite_scopes(conn: Any) -> None:
+    if conn.dialect.name != "sqlite" or getattr(_preparing, "active", False):
+        return
+    for manager in list(_sqlite_managers):
+        if manager.keyring.engine is not conn.engine:
+            continue
+        _preparing.active = True  # the keyring's own transactions begin too
+        try:
+            manager.prepare_scopes()
+        except sa.exc.OperationalError:
+            pass  # no keyring table yet (create_all is running): the next transaction retries
+        finally:
+            _preparing.active = False
 
 
 def _redact_parameters(context: ExceptionContext) -> None:

@@ -60,6 +60,7 @@ class KeyManager:
     ) -> None:
         self.keyring = keyring
         self.known_scopes = known_scopes
+        self._prepared: set[str] = set()
         self.kms = kms
         self.stats = stats
         self.cache: Cache[DataKey] = Cache(ttl=ttl, capacity=capacity, stats=stats)
@@ -116,8 +117,6 @@ class KeyManager:
         def load() -> int:
             row = self.keyring.active(scope)
             if row is None:
-                if self.keyring.engine.dialect.name == "sqlite":
-                    self._create_all_missing(scope)
                 return self._create(scope)
             self.cache.get_or_load(row.id, lambda: self._unwrap(row))
             return row.id
@@ -140,14 +139,15 @@ class KeyManager:
                 continue  # shredded since the list was read
         return keys
 
-    def _create_all_missing(self, scope: str) -> None:
-        # SQLite has one writer at a time: a transaction that already wrote
-        # would block the keyring's own connection. So the first scope that
-        # needs a key creates those of every other declared scope too, before
-        # the application's transaction can hold the lock in their way.
+    def prepare_scopes(self) -> None:
+        """Make sure every declared scope has an active key (see ``events``: SQLite)."""
+        missing = self.known_scopes() - self._prepared
+        if not missing:
+            return
         active = {r.scope for r in self.keyring.rows(states=(ACTIVE,))}
-        for other in sorted(self.known_scopes() - active - {scope}):
-            self.meta.get_or_load(("active", other), lambda other=other: self._create(other))  # type: ignore[misc]
+        for scope in sorted(missing - active):
+            self.active_key(scope)
+        self._prepared |= missing
 
     def _create(self, scope: str) -> int:
         generated = self.call_kms(self.kms.generate_data_key, scope_context(scope))
@@ -171,3 +171,7 @@ class KeyManager:
         if key_id is not None:
             self.cache.discard(lambda entry: entry == key_id)
         self.meta.discard(lambda entry: scope is None or entry[1] == scope)
+        if scope is None:
+            self._prepared.clear()
+        else:
+            self._prepared.discard(scope)
