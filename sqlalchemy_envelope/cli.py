@@ -438,6 +438,22 @@ def reencrypt(ctx: click.Context, table: str, batch_size: int, columns: tuple[st
     click.echo(
         f"{table}: {report.rows} rows scanned, {report.values_rewritten} values re-encrypted"
     )
+    left = {
+        "already under the active key": getattr(report, "values_current", 0),
+        "changed by the application meanwhile (left as written)": getattr(
+            report, "values_changed", 0
+        ),
+    }
+    for what, n in left.items():
+        if n:
+            click.echo(f"  {n} values {what}")
+    plaintext, unreadable = getattr(report, "plaintext", 0), getattr(report, "unreadable", 0)
+    if plaintext or unreadable:
+        click.echo(
+            f"warning: {plaintext} plaintext and {unreadable} unreadable values were left "
+            f"alone; see: verify {table}",
+            err=True,
+        )
 
 
 @cli.command()
@@ -461,18 +477,21 @@ def verify(ctx: click.Context, table: str, columns: tuple[str, ...], as_json: bo
 
     report = jobs.verify(envelope, table, columns=_columns(columns))
     by_key: dict[int, int] = dict(sorted(report.by_key.items()))
+    causes: dict[str, int] = dict(getattr(report, "unreadable_by_cause", {}))
+    per_column = _column_counts(report)
     if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "table": report.table,
-                    "by_key": {str(k): n for k, n in by_key.items()},
-                    "plaintext": report.plaintext,
-                    "unreadable": report.unreadable,
-                    "ok": report.ok,
-                }
-            )
-        )
+        summary: dict[str, Any] = {
+            "table": report.table,
+            "by_key": {str(k): n for k, n in by_key.items()},
+            "plaintext": report.plaintext,
+            "unreadable": report.unreadable,
+            "ok": report.ok,
+        }
+        if causes:
+            summary["unreadable_by_cause"] = causes
+        if per_column:
+            summary["columns"] = per_column
+        click.echo(json.dumps(summary))
     else:
         states = {k.id: k.state for k in envelope.keys(scope=None)}
         click.echo(f"table {report.table}")
@@ -480,10 +499,31 @@ def verify(ctx: click.Context, table: str, columns: tuple[str, ...], as_json: bo
             state = states.get(key_id, "not in keyring")
             click.echo(f"  key {key_id} ({state}): {n} values")
         click.echo(f"  plaintext: {report.plaintext}")
-        click.echo(f"  unreadable: {report.unreadable}")
+        why = ", ".join(f"{cause}: {n}" for cause, n in sorted(causes.items()) if n)
+        click.echo(f"  unreadable: {report.unreadable}" + (f" ({why})" if why else ""))
+        for name, counts in per_column.items():
+            if counts["plaintext"] or counts["unreadable"]:
+                click.echo(
+                    f"  in {report.table}.{name}: {counts['plaintext']} plaintext, "
+                    f"{counts['unreadable']} unreadable"
+                )
         click.echo("ok" if report.ok else "PROBLEMS FOUND")
     if not report.ok:
         ctx.exit(1)
+
+
+def _column_counts(report: Any) -> dict[str, dict[str, int]]:
+    """Plaintext and unreadable counts per column, when the report has them."""
+    columns = getattr(report, "columns", None)
+    if not isinstance(columns, dict):
+        return {}
+    return {
+        str(name): {
+            "plaintext": int(getattr(c, "plaintext", 0)),
+            "unreadable": int(getattr(c, "unreadable", 0)),
+        }
+        for name, c in columns.items()
+    }
 
 
 @cli.command()
