@@ -2,8 +2,9 @@
 
 * ``handle_error``: when a bind processor raises (a KMS outage during a flush,
   a value of the wrong type), SQLAlchemy builds a ``StatementError`` whose text
-  lists the statement's parameters, before encryption, that is in plaintext.
-  For errors of ours, the parameters are dropped from the exception.
+  and ``params`` hold the statement's parameters before encryption, that is in
+  plaintext. For errors of ours, the caller gets our own exception instead
+  (a copy, chained from the original), and the ``StatementError`` is dropped.
 * ``begin``, on SQLite only: SQLite has one writer at a time, so once an
   application transaction has written, the keyring's own connection could not
   create a new scope's first key until it ends. When a transaction begins (before
@@ -18,6 +19,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 import weakref
 from typing import Any
@@ -68,11 +70,14 @@ def _prepare_sqlite_scopes(conn: Any) -> None:
             _preparing.active = False
 
 
-def _redact_parameters(context: ExceptionContext) -> None:
-    error = context.sqlalchemy_exception
-    if isinstance(context.original_exception, EnvelopeError) and isinstance(error, sa.exc.StatementError):
-        error.params = None
-        error.hide_parameters = True
+def _redact_parameters(context: ExceptionContext) -> BaseException | None:
+    original = context.original_exception
+    if not isinstance(original, EnvelopeError):
+        return None
+    if isinstance(context.sqlalchemy_exception, sa.exc.StatementError):
+        context.sqlalchemy_exception.params = None
+        context.sqlalchemy_exception.hide_parameters = True
+    return copy.copy(original)
 
 
 def _prefetch_for_async(

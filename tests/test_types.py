@@ -113,12 +113,11 @@ def test_wrong_python_type_is_a_clear_error_naming_the_column(
     store: Callable[[str], tuple[sa.Engine, sa.Table]], name: str, bad: Any
 ) -> None:
     engine, table = store(name)
-    with pytest.raises(sa.exc.StatementError) as info, engine.begin() as conn:
+    with pytest.raises(ValueTypeError) as info, engine.begin() as conn:
         conn.execute(table.insert(), [{"id": 1, "value": bad}])
-    assert isinstance(info.value.orig, ValueTypeError)
-    assert isinstance(info.value.orig, TypeError)
+    assert isinstance(info.value, TypeError)
     assert f"t_{name}.value" in str(info.value)
-    assert repr(bad) not in str(info.value)
+    assert repr(bad) not in str(info.value) and "parameters" not in str(info.value)
     with engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(table)).scalar() == 0
 
