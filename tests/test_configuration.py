@@ -1,0 +1,139 @@
+"""Declaring and configuring: clear errors for misuse, and the less common declaration styles."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from sqlalchemy_envelope import ConfigurationError, Encrypted, Envelope, LocalKms
+
+SecretStr = Annotated[str, "secret"]
+
+
+def test_envelope_options_are_validated() -> None:
+    with pytest.raises(ValueError, match="cache_ttl"):
+        Envelope(cache_ttl=0)
+    with pytest.raises(ValueError, match="cache_ttl"):
+        Envelope(cache_ttl=float("inf"))
+    with pytest.raises(ValueError, match="cache_capacity"):
+        Envelope(cache_capacity=0)
+    with pytest.raises(TypeError, match="MetaData"):
+        Envelope("not metadata")  # type: ignore[arg-type]
+    metadata = sa.MetaData()
+    Envelope(metadata)
+    with pytest.raises(ConfigurationError, match="already has an Envelope"):
+        Envelope(metadata)
+
+
+def test_configure_is_validated() -> None:
+    envelope = Envelope()
+    with pytest.raises(TypeError, match="KMS provider"):
+        envelope.configure(kms="alias/x", engine=sa.create_engine("sqlite://"))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="Engine"):
+        envelope.configure(kms=LocalKms(b"k" * 32), engine="sqlite://")  # type: ignore[arg-type]
+
+
+def test_keyring_table_is_in_the_metadata_with_the_contract_columns() -> None:
+    metadata = sa.MetaData()
+    envelope = Envelope(metadata, table_name="my_keys")
+    table = metadata.tables["my_keys"]
+    assert table is envelope.table
+    assert {"id", "scope", "state", "wrapped_key", "kms_key_id", "created_at"} <= set(table.c.keys())
+
+
+def test_encrypted_arguments_are_validated() -> None:
+    envelope = Envelope()
+    with pytest.raises(TypeError, match="SQLAlchemy type"):
+        Encrypted("String", envelope)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="Envelope"):
+        Encrypted(sa.String, object())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="another Encrypted"):
+        Encrypted(Encrypted(sa.String, envelope), envelope)
+    with pytest.raises(ValueError, match="scope"):
+        Encrypted(sa.String, envelope, scope="")
+
+
+def test_column_without_envelope_fails_when_first_used() -> None:
+    metadata = sa.MetaData()
+    table = sa.Table("t", metadata, sa.Column("id", sa.Integer, primary_key=True), sa.Column("v", Encrypted(sa.String(5))))
+    engine = sa.create_engine("sqlite://")
+    metadata.create_all(engine)
+    with engine.begin() as conn, pytest.raises(ConfigurationError, match=r"t\.v.*no envelope"):
+        conn.execute(table.insert().values(id=1, v="x"))
+
+
+def test_use_before_configure_is_a_configuration_error() -> None:
+    metadata = sa.MetaData()
+    envelope = Envelope(metadata)
+    table = sa.Table("t", metadata, sa.Column("id", sa.Integer, primary_key=True), sa.Column("v", Encrypted(sa.String(5), envelope)))
+    engine = sa.create_engine("sqlite://")
+    metadata.create_all(engine)
+    with engine.begin() as conn, pytest.raises(ConfigurationError, match="configure"):
+        conn.execute(table.insert().values(id=1, v="x"))
+
+
+def test_shared_type_objects_and_annotation_maps_bind_each_column(tmp_path: Any) -> None:
+    envelope_holder: dict[str, Envelope] = {}
+
+    class Base(DeclarativeBase):
+        pass
+
+    envelope = envelope_holder["e"] = Envelope(Base.metadata)
+    Base.registry.update_type_annotation_map({SecretStr: Encrypted(sa.String(50), envelope)})
+    shared = Encrypted(sa.String(50), envelope)
+
+    class A(Base):
+        __tablename__ = "a"
+        id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+        x: Mapped[SecretStr]
+        y: Mapped[SecretStr]
+        z: Mapped[str] = mapped_column(shared)
+        w: Mapped[str] = mapped_column(shared)
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'a.db'}")
+    Base.metadata.create_all(engine)
+    envelope.configure(kms=LocalKms(b"k" * 32), engine=engine)
+    with Session(engine) as s:
+        s.add(A(x="1", y="2", z="3", w="4"))
+        s.commit()
+    with Session(engine) as s:
+        a = s.scalars(sa.select(A)).one()
+        assert (a.x, a.y, a.z, a.w) == ("1", "2", "3", "4")
+    assert set(envelope.columns) == {("a", "x"), ("a", "y"), ("a", "z"), ("a", "w")}
+    with engine.connect() as conn:
+        raw = conn.execute(sa.text("SELECT x, y, z, w FROM a")).one()
+    # each column decrypts only as itself: swap two columns' ciphertexts and reads fail
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE a SET x = :y, y = :x"), {"x": raw[0], "y": raw[1]})
+    from sqlalchemy_envelope import DecryptionError
+
+    with Session(engine) as s, pytest.raises(DecryptionError, match=r"a\.x"):
+        s.scalars(sa.select(A)).one()
+
+
+def test_sqlmodel_field_with_sa_type(tmp_path: Any) -> None:
+    from sqlmodel import Field, SQLModel
+    from sqlmodel import Session as SMSession
+
+    own_metadata = sa.MetaData()
+    envelope = Envelope(own_metadata)
+
+    class Customer(SQLModel, table=True):
+        metadata = own_metadata
+        id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+        email: str = Field(sa_type=Encrypted(sa.String(320), envelope, deterministic=True), unique=True)
+        phone: str | None = Field(default=None, sa_type=Encrypted(sa.String(30), envelope))
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'sm.db'}")
+    own_metadata.create_all(engine)
+    envelope.configure(kms=LocalKms(b"k" * 32), engine=engine)
+    with SMSession(engine) as s:
+        s.add(Customer(email="c@x.org", phone="+1 555"))
+        s.commit()
+    with SMSession(engine) as s:
+        c = s.exec(sa.select(Customer).where(Customer.email == "c@x.org")).scalars().one()  # type: ignore[call-overload]
+        assert c.phone == "+1 555"
