@@ -165,7 +165,7 @@ def _uuid(as_uuid: bool) -> Codec:
 def _enum(inner: sa.Enum) -> Codec:
     # The Enum's own lookups give the same name/value mapping as a plaintext Enum
     # column; unlike it, unknown strings are refused (the database cannot check them).
-    valid: dict[Any, str] = inner._valid_lookup
+    valid: dict[Any, Any] = inner._valid_lookup
     from_db: Callable[[str], Any] = inner._object_value_for_elem
     return Codec(lambda v: valid[v].encode(), lambda b: from_db(b.decode()), "a member of the Enum")
 

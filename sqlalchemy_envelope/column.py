@@ -95,7 +95,7 @@ class Encrypted(TypeDecorator[Any]):
         return f"Encrypted({', '.join(args)})"
 
     @property
-    def _static_cache_key(self) -> Any:  # type: ignore[override]
+    def _static_cache_key(self) -> Any:
         b = self._binding
         return (
             Encrypted,

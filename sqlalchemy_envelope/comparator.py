@@ -57,7 +57,7 @@ class EncryptedComparator(TypeDecorator.Comparator[Any]):
     def operate(self, op: Any, *other: Any, **kwargs: Any) -> ColumnElement[Any]:
         if op in _PASS:
             return super().operate(op, *other, **kwargs)
-        type_: Encrypted = self.expr.type
+        type_: Encrypted = self.expr.type  # type: ignore[assignment]
         if op in (operators.eq, operators.ne) and other and other[0] is None:
             return super().operate(op, *other, **kwargs)  # renders IS [NOT] NULL
         name = _name(self.expr)

@@ -105,7 +105,9 @@ class Keyring:
         )
 
     def get(self, key_id: int, conn: Connection | None = None) -> KeyRow | None:
-        stmt = self._select().where(self.table.c.id == key_id)
+        # A BIGINT parameter: a key id read from a tampered value may not fit the
+        # INTEGER column (Postgres would raise "out of range"); it just finds no row.
+        stmt = self._select().where(self.table.c.id == sa.literal(key_id, sa.BigInteger))
         if conn is not None:
             row = conn.execute(stmt).first()
         else:
@@ -151,7 +153,7 @@ class Keyring:
 
     def _insert_active(self, conn: Connection, scope: str, wrapped: bytes, kms_key_id: str) -> KeyRow:
         created = _now()
-        key_id = conn.execute(
+        result = conn.execute(
             self.table.insert().values(
                 scope=scope,
                 state=ACTIVE,
@@ -160,7 +162,8 @@ class Keyring:
                 kms_key_id=kms_key_id,
                 created_at=created,
             )
-        ).inserted_primary_key[0]
+        )
+        key_id = result.inserted_primary_key[0]  # type: ignore[index]
         return KeyRow(key_id, scope, ACTIVE, kms_key_id, created, wrapped)
 
     def set_wrapped(self, key_id: int, wrapped: bytes, kms_key_id: str, *, expect: bytes) -> bool:

@@ -170,7 +170,7 @@ class KeyManager:
 
         if key_id is not None:
             self.cache.discard(lambda entry: entry == key_id)
-        self.meta.discard(lambda entry: scope is None or entry[1] == scope)
+        self.meta.discard(lambda entry: scope is None or entry[1] == scope)  # type: ignore[index]
         if scope is None:
             self._prepared.clear()
         else:

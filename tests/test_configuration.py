@@ -42,7 +42,9 @@ def test_keyring_table_is_in_the_metadata_with_the_contract_columns() -> None:
     envelope = Envelope(metadata, table_name="my_keys")
     table = metadata.tables["my_keys"]
     assert table is envelope.table
-    assert {"id", "scope", "state", "wrapped_key", "kms_key_id", "created_at"} <= set(table.c.keys())
+    assert {"id", "scope", "state", "wrapped_key", "kms_key_id", "created_at"} <= set(
+        table.c.keys()
+    )
 
 
 def test_encrypted_arguments_are_validated() -> None:
@@ -59,7 +61,12 @@ def test_encrypted_arguments_are_validated() -> None:
 
 def test_column_without_envelope_fails_when_first_used() -> None:
     metadata = sa.MetaData()
-    table = sa.Table("t", metadata, sa.Column("id", sa.Integer, primary_key=True), sa.Column("v", Encrypted(sa.String(5))))
+    table = sa.Table(
+        "t",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("v", Encrypted(sa.String(5))),
+    )
     engine = sa.create_engine("sqlite://")
     metadata.create_all(engine)
     with engine.begin() as conn, pytest.raises(ConfigurationError, match=r"t\.v.*no envelope"):
@@ -69,7 +76,12 @@ def test_column_without_envelope_fails_when_first_used() -> None:
 def test_use_before_configure_is_a_configuration_error() -> None:
     metadata = sa.MetaData()
     envelope = Envelope(metadata)
-    table = sa.Table("t", metadata, sa.Column("id", sa.Integer, primary_key=True), sa.Column("v", Encrypted(sa.String(5), envelope)))
+    table = sa.Table(
+        "t",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("v", Encrypted(sa.String(5), envelope)),
+    )
     engine = sa.create_engine("sqlite://")
     metadata.create_all(engine)
     with engine.begin() as conn, pytest.raises(ConfigurationError, match="configure"):
@@ -125,7 +137,9 @@ def test_sqlmodel_field_with_sa_type(tmp_path: Any) -> None:
     class Customer(SQLModel, table=True):
         metadata = own_metadata
         id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
-        email: str = Field(sa_type=Encrypted(sa.String(320), envelope, deterministic=True), unique=True)
+        email: str = Field(
+            sa_type=Encrypted(sa.String(320), envelope, deterministic=True), unique=True
+        )
         phone: str | None = Field(default=None, sa_type=Encrypted(sa.String(30), envelope))
 
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'sm.db'}")

@@ -12,7 +12,9 @@ from sqlalchemy_envelope import Encrypted, Envelope, LocalKms
 
 
 @pytest.fixture
-def people(db_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms) -> tuple[sa.Engine, sa.Table]:
+def people(
+    db_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> tuple[sa.Engine, sa.Table]:
     metadata = sa.MetaData()
     envelope = Envelope(metadata)
     table = sa.Table(
@@ -33,7 +35,10 @@ def test_insert_values_executemany_update_delete(people: tuple[sa.Engine, sa.Tab
     engine, t = people
     with engine.begin() as conn:
         conn.execute(t.insert().values(id=1, email="a@x", name="Ann", age=30))
-        conn.execute(t.insert(), [{"id": i, "email": f"u{i}@x", "name": f"User {i}", "age": i} for i in range(2, 52)])
+        conn.execute(
+            t.insert(),
+            [{"id": i, "email": f"u{i}@x", "name": f"User {i}", "age": i} for i in range(2, 52)],
+        )
         conn.execute(t.update().where(t.c.email == "u7@x").values(name="Seven"))
         conn.execute(t.update().where(t.c.id == 8).values(age=None))
         conn.execute(t.delete().where(t.c.email.in_(["u9@x", "u10@x"])))
@@ -48,7 +53,9 @@ def test_insert_values_executemany_update_delete(people: tuple[sa.Engine, sa.Tab
 def test_returning(people: tuple[sa.Engine, sa.Table]) -> None:
     engine, t = people
     with engine.begin() as conn:
-        got = conn.execute(t.insert().values(id=1, email="r@x", name="Ret", age=1).returning(t.c.name, t.c.email)).one()
+        got = conn.execute(
+            t.insert().values(id=1, email="r@x", name="Ret", age=1).returning(t.c.name, t.c.email)
+        ).one()
     assert tuple(got) == ("Ret", "r@x")
 
 
@@ -58,9 +65,15 @@ def test_upsert_on_conflict_do_update(people: tuple[sa.Engine, sa.Table]) -> Non
     with engine.begin() as conn:
         conn.execute(t.insert().values(id=1, email="a@x", name="Old", age=1))
         stmt = insert(t).values(id=1, email="a@x", name="New", age=2)
-        conn.execute(stmt.on_conflict_do_update(index_elements=[t.c.id], set_={"name": stmt.excluded.name, "age": 3}))
+        conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[t.c.id], set_={"name": stmt.excluded.name, "age": 3}
+            )
+        )
         stmt = insert(t).values(id=2, email="a@x", name="Dup", age=5)
-        conn.execute(stmt.on_conflict_do_nothing())  # same email, same key: the unique index sees it
+        conn.execute(
+            stmt.on_conflict_do_nothing()
+        )  # same email, same key: the unique index sees it
     with engine.connect() as conn:
         assert conn.execute(sa.select(t.c.id, t.c.name, t.c.age)).all() == [(1, "New", 3)]
 
@@ -73,19 +86,31 @@ def test_deterministic_unique_constraint(people: tuple[sa.Engine, sa.Table]) -> 
         conn.execute(t.insert().values(id=2, email="same@x", name="B"))
 
 
-def test_equal_plaintexts_differ_across_columns_and_randomized_rows(people: tuple[sa.Engine, sa.Table]) -> None:
+def test_equal_plaintexts_differ_across_columns_and_randomized_rows(
+    people: tuple[sa.Engine, sa.Table],
+) -> None:
     engine, t = people
     with engine.begin() as conn:
-        conn.execute(t.insert(), [{"id": 1, "email": "x", "name": "x"}, {"id": 2, "email": "y", "name": "x"}])
+        conn.execute(
+            t.insert(), [{"id": 1, "email": "x", "name": "x"}, {"id": 2, "email": "y", "name": "x"}]
+        )
         raw = conn.execute(sa.text("SELECT email, name FROM people ORDER BY id")).all()
     assert raw[0][0] != raw[0][1]  # same plaintext, other column: other sub-key
     assert raw[0][1] != raw[1][1]  # randomized: same plaintext, other ciphertext
 
 
-def test_cached_lookup_statements_encrypt_each_new_value(people: tuple[sa.Engine, sa.Table]) -> None:
+def test_cached_lookup_statements_encrypt_each_new_value(
+    people: tuple[sa.Engine, sa.Table],
+) -> None:
     engine, t = people
     with engine.begin() as conn:
-        conn.execute(t.insert(), [{"id": 1, "email": "one@x", "name": "One"}, {"id": 2, "email": "two@x", "name": "Two"}])
+        conn.execute(
+            t.insert(),
+            [
+                {"id": 1, "email": "one@x", "name": "One"},
+                {"id": 2, "email": "two@x", "name": "Two"},
+            ],
+        )
     cache: dict[object, object] = {}
     with engine.connect().execution_options(compiled_cache=cache) as conn:
         first = conn.execute(sa.select(t.c.name).where(t.c.email == "one@x")).scalars().all()
@@ -99,8 +124,12 @@ def test_building_statements_needs_no_configuration() -> None:
 
     metadata = sa.MetaData()
     envelope = Envelope(metadata)
-    t = sa.Table("t", metadata, sa.Column("id", sa.Integer, primary_key=True),
-                 sa.Column("e", Encrypted(sa.String(10), envelope, deterministic=True)))
+    t = sa.Table(
+        "t",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("e", Encrypted(sa.String(10), envelope, deterministic=True)),
+    )
     stmt = sa.select(t).where(t.c.e == "x", t.c.e.in_(["y"]))  # no KMS, no engine: fine
     engine = sa.create_engine("sqlite://")
     metadata.create_all(engine)  # DDL needs no KMS either

@@ -16,7 +16,9 @@ from .models import App, Color, build
 
 
 @pytest.fixture
-def app(db_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms) -> tuple[App, sa.Engine]:
+def app(
+    db_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> tuple[App, sa.Engine]:
     app = build()
     engine = make_engine(db_url)
     app.Base.metadata.create_all(engine)
@@ -28,13 +30,25 @@ def test_round_trip_and_raw_storage(app: tuple[App, sa.Engine]) -> None:
     a, engine = app
     when = dt.datetime(2024, 5, 1, 9, 30, tzinfo=dt.timezone(dt.timedelta(hours=-4)))
     with Session(engine) as s:
-        p = a.Patient(name="Alice Example", email="alice@example.org", ssn="123-45-6789", notes={"allergy": ["nuts"]})
-        p.visits.append(a.Visit(reason="checkup", at=when, fee=decimal.Decimal("120.50"), color=Color.BLUE))
+        p = a.Patient(
+            name="Alice Example",
+            email="alice@example.org",
+            ssn="123-45-6789",
+            notes={"allergy": ["nuts"]},
+        )
+        p.visits.append(
+            a.Visit(reason="checkup", at=when, fee=decimal.Decimal("120.50"), color=Color.BLUE)
+        )
         s.add_all([p, a.Doctor(name="Dr. Who", plain="x")])
         s.commit()
     with Session(engine) as s:
         p = s.scalars(sa.select(a.Patient)).one()
-        assert (p.name, p.email, p.ssn, p.notes) == ("Alice Example", "alice@example.org", "123-45-6789", {"allergy": ["nuts"]})
+        assert (p.name, p.email, p.ssn, p.notes) == (
+            "Alice Example",
+            "alice@example.org",
+            "123-45-6789",
+            {"allergy": ["nuts"]},
+        )
         v = p.visits[0]
         assert v.at == when and v.at.utcoffset() == dt.timedelta(hours=-4)
         assert str(v.fee) == "120.50" and v.color is Color.BLUE
@@ -42,7 +56,11 @@ def test_round_trip_and_raw_storage(app: tuple[App, sa.Engine]) -> None:
         raw = conn.execute(sa.text("SELECT name, email, ssn, notes FROM patients")).one()
     for value in raw:
         assert isinstance(value, (bytes, memoryview))
-        assert b"Alice" not in bytes(value) and b"123-45" not in bytes(value) and b"nuts" not in bytes(value)
+        assert (
+            b"Alice" not in bytes(value)
+            and b"123-45" not in bytes(value)
+            and b"nuts" not in bytes(value)
+        )
 
 
 def test_deterministic_lookup_survives_rotation(app: tuple[App, sa.Engine]) -> None:
@@ -56,10 +74,14 @@ def test_deterministic_lookup_survives_rotation(app: tuple[App, sa.Engine]) -> N
     with Session(engine) as s:
         s.add(a.Patient(name="B", email="b@x.org"))
         s.commit()
-        found = s.scalars(sa.select(a.Patient.name).where(a.Patient.email.in_(["a@x.org", "b@x.org"]))).all()
+        found = s.scalars(
+            sa.select(a.Patient.name).where(a.Patient.email.in_(["a@x.org", "b@x.org"]))
+        ).all()
         assert sorted(found) == ["A", "B"]
         assert s.scalars(sa.select(a.Patient.name).where(a.Patient.email == "a@x.org")).one() == "A"
-        assert s.scalars(sa.select(a.Patient.name).where(a.Patient.email != "a@x.org")).all() == ["B"]
+        assert s.scalars(sa.select(a.Patient.name).where(a.Patient.email != "a@x.org")).all() == [
+            "B"
+        ]
     states = {k.id: k.state for k in a.envelope.keys("patients")}
     assert states == {old: "retired", new: "active"}
 
@@ -73,9 +95,9 @@ def test_randomized_comparison_refused_at_build_time(app: tuple[App, sa.Engine])
         lambda: a.Patient.name.like("x%"),
         lambda: a.Patient.name < "x",
     ):
-        with pytest.raises(EncryptedComparisonError, match="patients.name"):
+        with pytest.raises(EncryptedComparisonError, match=r"patients\.name"):
             build_expr()
-    with pytest.raises(EncryptedComparisonError, match="patients.email"):
+    with pytest.raises(EncryptedComparisonError, match=r"patients\.email"):
         _ = a.Patient.email.like("x%")
     # NULL tests work on both kinds.
     sa.select(a.Patient).where(a.Patient.ssn.is_(None), a.Patient.name.is_not(None))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import enum
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +26,9 @@ offsets = st.integers(min_value=-23 * 60, max_value=23 * 60).map(
 )
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(min_value=-(2**53), max_value=2**53) | st.text(),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -39,7 +40,12 @@ CASES: dict[str, tuple[sa.types.TypeEngine[Any], st.SearchStrategy[Any]]] = {
     "binary": (sa.LargeBinary(), st.binary()),
     "integer": (sa.Integer(), st.integers(min_value=-(2**31), max_value=2**31 - 1)),
     "bigint": (sa.BigInteger(), st.integers(min_value=-(2**63), max_value=2**63 - 1)),
-    "numeric": (sa.Numeric(20, 6), st.decimals(allow_nan=False, allow_infinity=False, places=6, min_value=-10**13, max_value=10**13)),
+    "numeric": (
+        sa.Numeric(20, 6),
+        st.decimals(
+            allow_nan=False, allow_infinity=False, places=6, min_value=-(10**13), max_value=10**13
+        ),
+    ),
     "float": (sa.Float(), st.floats(allow_nan=False)),
     "boolean": (sa.Boolean(), st.booleans()),
     "date": (sa.Date(), st.dates()),
@@ -56,7 +62,9 @@ CASES: dict[str, tuple[sa.types.TypeEngine[Any], st.SearchStrategy[Any]]] = {
 
 
 @pytest.fixture
-def store(db_url: str, make_engine: Callable[..., sa.Engine]) -> Callable[[str], tuple[sa.Engine, sa.Table]]:
+def store(
+    db_url: str, make_engine: Callable[..., sa.Engine]
+) -> Callable[[str], tuple[sa.Engine, sa.Table]]:
     engine = make_engine(db_url)
     metadata = sa.MetaData()
     envelope = Envelope(metadata)
@@ -87,7 +95,7 @@ def test_round_trip_is_exact(store: Callable[[str], tuple[sa.Engine, sa.Table]],
             conn.execute(table.insert(), [{"id": i, "value": v} for i, v in enumerate(values)])
             got = conn.execute(sa.select(table.c.value).order_by(table.c.id)).scalars().all()
         assert got == values
-        for a, b in zip(got, values):
+        for a, b in zip(got, values, strict=True):
             assert type(a) is type(b)
             if isinstance(b, dt.datetime):
                 assert a.utcoffset() == b.utcoffset()
@@ -106,8 +114,18 @@ def test_none_is_sql_null_also_for_json(store: Callable[[str], tuple[sa.Engine, 
 
 @pytest.mark.parametrize(
     ("name", "bad"),
-    [("string", 5), ("integer", "5"), ("integer", 1.5), ("date", dt.datetime(2020, 1, 1)), ("boolean", "yes"),
-     ("uuid", 12), ("enum", "HAPPY?"), ("binary", "text"), ("json", {1, 2}), ("numeric", "1.5")],
+    [
+        ("string", 5),
+        ("integer", "5"),
+        ("integer", 1.5),
+        ("date", dt.datetime(2020, 1, 1)),
+        ("boolean", "yes"),
+        ("uuid", 12),
+        ("enum", "HAPPY?"),
+        ("binary", "text"),
+        ("json", {1, 2}),
+        ("numeric", "1.5"),
+    ],
 )
 def test_wrong_python_type_is_a_clear_error_naming_the_column(
     store: Callable[[str], tuple[sa.Engine, sa.Table]], name: str, bad: Any
@@ -141,8 +159,13 @@ def test_inner_type_may_be_a_class_and_a_user_type_decorator() -> None:
 
     metadata = sa.MetaData()
     envelope = Envelope(metadata)
-    table = sa.Table("t", metadata, sa.Column("id", sa.Integer, primary_key=True),
-                     sa.Column("a", Encrypted(sa.String, envelope)), sa.Column("b", Encrypted(Lower(20), envelope)))
+    table = sa.Table(
+        "t",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("a", Encrypted(sa.String, envelope)),
+        sa.Column("b", Encrypted(Lower(20), envelope)),
+    )
     engine = sa.create_engine("sqlite://")
     metadata.create_all(engine)
     envelope.configure(kms=LocalKms(b"k" * 32), engine=engine)
@@ -151,22 +174,36 @@ def test_inner_type_may_be_a_class_and_a_user_type_decorator() -> None:
         assert conn.execute(sa.select(table.c.a, table.c.b)).one() == ("x", "mixed")
 
 
-def test_inner_schema_side_effects_stay_off_the_binary_column(pg_url: str, make_engine: Callable[..., sa.Engine]) -> None:
+def test_inner_schema_side_effects_stay_off_the_binary_column(
+    pg_url: str, make_engine: Callable[..., sa.Engine]
+) -> None:
     metadata = sa.MetaData()
     envelope = Envelope(metadata)
-    sa.Table("t", metadata, sa.Column("id", sa.Integer, primary_key=True),
-             sa.Column("mood", Encrypted(sa.Enum(Mood, name="mood_type"), envelope)),
-             sa.Column("flag", Encrypted(sa.Boolean(create_constraint=True), envelope)))
+    sa.Table(
+        "t",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("mood", Encrypted(sa.Enum(Mood, name="mood_type"), envelope)),
+        sa.Column("flag", Encrypted(sa.Boolean(create_constraint=True), envelope)),
+    )
     engine = make_engine(pg_url)
     metadata.create_all(engine)
     with engine.connect() as conn:
-        types = conn.execute(sa.text("SELECT count(*) FROM pg_type WHERE typname = 'mood_type'")).scalar()
-        checks = conn.execute(sa.text(
-            "SELECT count(*) FROM pg_constraint c JOIN pg_class t ON c.conrelid = t.oid "
-            "WHERE t.relname = 't' AND c.contype = 'c'")).scalar()
-        coltype = conn.execute(sa.text(
-            "SELECT data_type FROM information_schema.columns WHERE table_name = 't' AND column_name = 'mood' "
-            "AND table_schema = current_schema()")).scalar()
+        types = conn.execute(
+            sa.text("SELECT count(*) FROM pg_type WHERE typname = 'mood_type'")
+        ).scalar()
+        checks = conn.execute(
+            sa.text(
+                "SELECT count(*) FROM pg_constraint c JOIN pg_class t ON c.conrelid = t.oid "
+                "WHERE t.relname = 't' AND c.contype = 'c'"
+            )
+        ).scalar()
+        coltype = conn.execute(
+            sa.text(
+                "SELECT data_type FROM information_schema.columns WHERE table_name = 't' "
+                "AND column_name = 'mood' AND table_schema = current_schema()"
+            )
+        ).scalar()
     assert (types, checks, coltype) == (0, 0, "bytea")
 
 
