@@ -6,14 +6,14 @@ from collections.abc import Callable
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from sqlalchemy_envelope import Encrypted, Envelope, LocalKms
 
 
 @pytest.fixture
 def people(
-    db_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+    any_db_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
 ) -> tuple[sa.Engine, sa.Table]:
     metadata = sa.MetaData()
     envelope = Envelope(metadata)
@@ -25,7 +25,7 @@ def people(
         sa.Column("name", Encrypted(sa.String(100), envelope)),
         sa.Column("age", Encrypted(sa.Integer, envelope)),
     )
-    engine = make_engine(db_url)
+    engine = make_engine(any_db_url)
     metadata.create_all(engine)
     envelope.configure(kms=local_kms, engine=engine)
     return engine, table
@@ -59,21 +59,26 @@ def test_returning(people: tuple[sa.Engine, sa.Table]) -> None:
     assert tuple(got) == ("Ret", "r@x")
 
 
-def test_upsert_on_conflict_do_update(people: tuple[sa.Engine, sa.Table]) -> None:
+def test_upsert(people: tuple[sa.Engine, sa.Table]) -> None:
     engine, t = people
-    insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
     with engine.begin() as conn:
         conn.execute(t.insert().values(id=1, email="a@x", name="Old", age=1))
-        stmt = insert(t).values(id=1, email="a@x", name="New", age=2)
-        conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=[t.c.id], set_={"name": stmt.excluded.name, "age": 3}
+        if engine.dialect.name == "mysql":
+            stmt = mysql.insert(t).values(id=1, email="a@x", name="New", age=2)
+            conn.execute(stmt.on_duplicate_key_update(name=stmt.inserted.name, age=3))
+            dup = mysql.insert(t).values(id=2, email="a@x", name="Dup", age=5)
+            conn.execute(dup.prefix_with("IGNORE"))
+        else:
+            insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+            stmt = insert(t).values(id=1, email="a@x", name="New", age=2)
+            conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[t.c.id], set_={"name": stmt.excluded.name, "age": 3}
+                )
             )
-        )
-        stmt = insert(t).values(id=2, email="a@x", name="Dup", age=5)
-        conn.execute(
-            stmt.on_conflict_do_nothing()
-        )  # same email, same key: the unique index sees it
+            # same email under the same key: the unique index sees the duplicate
+            dup = insert(t).values(id=2, email="a@x", name="Dup", age=5)
+            conn.execute(dup.on_conflict_do_nothing())
     with engine.connect() as conn:
         assert conn.execute(sa.select(t.c.id, t.c.name, t.c.age)).all() == [(1, "New", 3)]
 

@@ -63,9 +63,9 @@ CASES: dict[str, tuple[sa.types.TypeEngine[Any], st.SearchStrategy[Any]]] = {
 
 @pytest.fixture
 def store(
-    db_url: str, make_engine: Callable[..., sa.Engine]
+    any_db_url: str, make_engine: Callable[..., sa.Engine]
 ) -> Callable[[str], tuple[sa.Engine, sa.Table]]:
-    engine = make_engine(db_url)
+    engine = make_engine(any_db_url)
     metadata = sa.MetaData()
     envelope = Envelope(metadata)
     tables = {
@@ -92,7 +92,7 @@ def test_round_trip_is_exact(store: Callable[[str], tuple[sa.Engine, sa.Table]],
     def check(values: list[Any]) -> None:
         with engine.begin() as conn:
             conn.execute(table.delete())
-            conn.execute(table.insert(), [{"id": i, "value": v} for i, v in enumerate(values)])
+            conn.execute(table.insert(), [{"id": i, "value": v} for i, v in enumerate(values, 1)])
             got = conn.execute(sa.select(table.c.value).order_by(table.c.id)).scalars().all()
         assert got == values
         for a, b in zip(got, values, strict=True):
