@@ -1,0 +1,204 @@
+"""Keyset pagination over a primary key, and the connections batch jobs run on.
+
+Batch jobs walk a table in primary-key order, ``batch_size`` rows at a time,
+one short transaction per batch: the next page starts after the last key
+seen, so each page costs an index range scan however far the job has gone and
+memory holds one page at a time. Keys may be single or composite, integers,
+strings or UUIDs. A range ``(lo, hi]`` bounds a page for workers that claimed
+a slice of the table (``None`` is open-ended).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import json
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.sql.elements import ColumnElement
+
+Key = tuple[Any, ...]
+Progress = Callable[[int, "int | None"], None]
+
+
+def check_batch_size(batch_size: int) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError("batch_size must be a positive integer")
+    return batch_size
+
+
+@contextmanager
+def connect(bind: Engine | Connection) -> Iterator[Connection]:
+    """A connection on which the job may begin and commit one transaction per batch."""
+    if isinstance(bind, Engine):
+        with bind.connect() as conn:
+            yield conn
+        return
+    if not isinstance(bind, Connection):
+        raise TypeError(f"expected a sqlalchemy Engine or Connection, not {type(bind).__name__}")
+    if bind.in_transaction():
+        raise ValueError(
+            "batch jobs commit once per batch, so they need a connection outside any "
+            "transaction (or pass the Engine)"
+        )
+    yield bind
+
+
+def primary_key(table: sa.Table) -> list[sa.Column[Any]]:
+    from .errors import ConfigurationError
+
+    pk = list(table.primary_key.columns)
+    if not pk:
+        raise ConfigurationError(
+            f"table {table.name!r} has no primary key, and batch jobs page through tables by it"
+        )
+    return pk
+
+
+def _compare(
+    cols: Sequence[sa.Column[Any]], key: Key, strict: bool, dialect: str
+) -> ColumnElement[bool]:
+    """``cols > key`` (``strict``) or ``cols <= key``, in index-friendly SQL."""
+    if len(cols) != len(key):
+        raise ValueError("a key must have one value per primary-key column")
+    if len(cols) == 1:
+        single: ColumnElement[bool] = cols[0] > key[0] if strict else cols[0] <= key[0]
+        return single
+    if dialect in ("postgresql", "sqlite"):
+        row = sa.tuple_(*cols)
+        other = sa.tuple_(*(sa.literal(v, c.type) for c, v in zip(cols, key, strict=True)))
+        return row > other if strict else row <= other
+    # (a, b) > (x, y)  ==  a > x OR (a = x AND b > y): MySQL plans it as a range.
+    first, rest = cols[0], _compare(cols[1:], key[1:], strict, dialect)
+    return sa.or_(first > key[0] if strict else first < key[0], sa.and_(first == key[0], rest))
+
+
+def in_range(
+    cols: Sequence[sa.Column[Any]], lo: Key | None, hi: Key | None, dialect: str
+) -> list[ColumnElement[bool]]:
+    """WHERE clauses for keys in ``(lo, hi]``."""
+    clauses = []
+    if lo is not None:
+        clauses.append(_compare(cols, lo, True, dialect))
+    if hi is not None:
+        clauses.append(_compare(cols, hi, False, dialect))
+    return clauses
+
+
+def walk(
+    conn: Connection,
+    query: sa.Select[Any],
+    pk: Sequence[sa.Column[Any]],
+    work: Callable[[list[sa.Row[Any]]], None],
+    *,
+    batch_size: int,
+    lo: Key | None = None,
+    hi: Key | None = None,
+    before_batch: Callable[[], None] | None = None,
+    transactions: bool = True,
+) -> Iterator[int]:
+    """Run ``work`` on pages of ``query`` (whose first columns are ``pk``) in key order.
+
+    Each page is read and worked on in one transaction; the number of rows is
+    yielded once it has committed. ``before_batch`` runs before each
+    transaction begins (to load keys outside it: on SQLite, a key created
+    inside would wait for our own write lock). With ``transactions=False`` the
+    pages run inside the caller's transaction.
+    """
+    dialect = conn.dialect.name
+    last = lo
+    while True:
+        if before_batch is not None:
+            before_batch()
+        with conn.begin() if transactions else nullcontext():
+            stmt = query.where(*in_range(pk, last, hi, dialect)).order_by(*pk).limit(batch_size)
+            rows = list(conn.execute(stmt).all())
+            if rows:
+                work(rows)
+        if not rows:
+            return
+        yield len(rows)
+        if len(rows) < batch_size:
+            return
+        last = tuple(rows[-1][: len(pk)])
+
+
+def execute_counted(conn: Connection, stmt: sa.Update, params: list[dict[str, Any]]) -> int:
+    """Rows matched by an executemany UPDATE (one by one where the driver cannot count)."""
+    if conn.dialect.supports_sane_multi_rowcount:
+        return int(conn.execute(stmt, params).rowcount)
+    return sum(int(conn.execute(stmt, p).rowcount) for p in params)
+
+
+def count(conn: Connection, table: sa.Table, *where: ColumnElement[bool]) -> int:
+    with conn.begin():
+        return int(
+            conn.execute(sa.select(sa.func.count()).select_from(table).where(*where)).scalar_one()
+        )
+
+
+def boundaries(
+    conn: Connection, table: sa.Table, pk: Sequence[sa.Column[Any]], every: int
+) -> Iterator[Key]:
+    """Every ``every``-th key in order: the upper ends of ``(lo, hi]`` slices of the table."""
+    dialect = conn.dialect.name
+    last: Key | None = None
+    while True:
+        stmt = (
+            sa.select(*pk)
+            .where(*in_range(pk, last, None, dialect))
+            .order_by(*pk)
+            .offset(every - 1)
+            .limit(1)
+        )
+        with conn.begin():
+            row = conn.execute(stmt).first()
+        if row is None:
+            return
+        last = tuple(row)
+        yield last
+
+
+# -- keys as text (for the claims table) -----------------------------------------------
+def dump_key(key: Key | None) -> str | None:
+    return None if key is None else json.dumps([_tag(v) for v in key], separators=(",", ":"))
+
+
+def load_key(text: str | None) -> Key | None:
+    return None if text is None else tuple(_untag(v) for v in json.loads(text))
+
+
+def _tag(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, uuid.UUID):
+        return {"uuid": str(value)}
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"hex": bytes(value).hex()}
+    if isinstance(value, decimal.Decimal):
+        return {"decimal": str(value)}
+    if isinstance(value, dt.datetime):
+        return {"datetime": value.isoformat()}
+    if isinstance(value, dt.date):
+        return {"date": value.isoformat()}
+    raise TypeError(f"primary keys of type {type(value).__name__} are not supported by batch jobs")
+
+
+def _untag(value: Any) -> Any:
+    if not isinstance(value, dict):
+        return value
+    ((kind, text),) = value.items()
+    if kind == "uuid":
+        return uuid.UUID(text)
+    if kind == "hex":
+        return bytes.fromhex(text)
+    if kind == "decimal":
+        return decimal.Decimal(text)
+    if kind == "datetime":
+        return dt.datetime.fromisoformat(text)
+    return dt.date.fromisoformat(text)

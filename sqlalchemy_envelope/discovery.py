@@ -1,0 +1,174 @@
+"""Which columns of a table are encrypted, and how: from the models or from the values.
+
+A batch job is given an ORM model, a ``Table`` or a table name. A model or a
+table declared with ``Encrypted`` columns says everything itself. A name is
+looked up in the envelope's metadata; failing that, the job works from the
+database alone: the stored format is self-describing, so a binary column
+whose values carry our header with ids of the keyring's keys is encrypted,
+its scope is the scope of those keys and its mode is the header's algorithm
+byte.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from . import wire
+from .batches import primary_key
+from .column import Encrypted
+from .crypter import ColumnCrypter
+from .errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from .envelope import Envelope
+
+log = logging.getLogger("sqlalchemy_envelope")
+
+SAMPLE_SIZE = 64
+
+
+@dataclass(frozen=True)
+class Target:
+    """A table as a batch job sees it: primary key and encrypted columns read as raw bytes."""
+
+    name: str
+    table: sa.Table
+    pk: list[sa.Column[Any]]
+    crypters: dict[str, ColumnCrypter]
+
+    @property
+    def columns(self) -> list[sa.Column[Any]]:
+        return [self.table.c[name] for name in self.crypters]
+
+
+def resolve(
+    envelope: Envelope,
+    conn: Connection,
+    table_or_model: Any,
+    columns: Sequence[str] | None = None,
+) -> Target:
+    """The encrypted columns of ``table_or_model``: a model class, a ``Table`` or a table name."""
+    declared = _declared_table(table_or_model)
+    if declared is None and isinstance(table_or_model, str) and envelope.metadata is not None:
+        declared = envelope.metadata.tables.get(table_or_model)
+    name = declared.name if declared is not None else table_or_model
+    if not isinstance(name, str) or not name:
+        raise TypeError(
+            "expected an ORM model class, a sqlalchemy Table or a table name, "
+            f"not {type(table_or_model).__name__}"
+        )
+    if columns is not None and (
+        isinstance(columns, str) or not all(isinstance(c, str) for c in columns)
+    ):
+        raise TypeError("columns must be a list of column names")
+    schema = declared.schema if declared is not None else None
+    with conn.begin():
+        reflected = sa.Table(name, sa.MetaData(), schema=schema, autoload_with=conn)
+        types = _declared_types(declared)
+        if columns is not None:
+            wanted = list(dict.fromkeys(columns))
+        elif types:
+            wanted = list(types)
+        else:
+            wanted = [c for (t, c) in envelope.columns if t == name and c in reflected.c]
+        samples = {}
+        for column in wanted or _binary_columns(reflected):
+            if column not in reflected.c:
+                raise ConfigurationError(f"table {name!r} has no column {column!r}")
+            samples[column] = _sample(conn, reflected, column)
+    key_scopes = {row.id: row.scope for row in envelope.keyring().rows()}
+    if not wanted:  # nothing declared: find the encrypted columns from their values
+        wanted = [c for c, heads in samples.items() if _looks_encrypted(heads, key_scopes)]
+        if not wanted:
+            raise ConfigurationError(
+                f"found no encrypted columns in table {name!r}; name them with columns=[...]"
+            )
+        log.info("table %r: found encrypted columns %s from their values", name, ", ".join(wanted))
+    crypters = {}
+    for column in wanted:
+        if not isinstance(reflected.c[column].type, sa.types._Binary):
+            raise ConfigurationError(
+                f"{name}.{column} is not a binary column, so it is not encrypted"
+            )
+        scope, deterministic = _mode(name, column, types, envelope, samples[column], key_scopes)
+        crypters[column] = ColumnCrypter(
+            envelope, name, column, scope=scope, deterministic=deterministic
+        )
+    pk = primary_key(reflected)
+    raw = sa.Table(
+        name,
+        sa.MetaData(),
+        *(sa.Column(c.name, c.type, primary_key=True) for c in pk),
+        *(sa.Column(c, sa.LargeBinary) for c in crypters if c not in reflected.primary_key.c),
+        schema=schema,
+    )
+    if set(crypters) & set(raw.primary_key.c.keys()):
+        raise ConfigurationError(
+            f"table {name!r}: an encrypted primary key cannot be paged through"
+        )
+    return Target(name, raw, list(raw.primary_key.columns), crypters)
+
+
+def _declared_table(obj: Any) -> sa.Table | None:
+    if isinstance(obj, sa.Table):
+        return obj
+    if isinstance(obj, type):
+        mapper: Any = sa.inspect(obj, raiseerr=False)
+        table = getattr(mapper, "local_table", None)
+        if isinstance(table, sa.Table):
+            return table
+    return None
+
+
+def _declared_types(table: sa.Table | None) -> dict[str, Encrypted]:
+    if table is None:
+        return {}
+    return {c.name: c.type for c in table.columns if isinstance(c.type, Encrypted)}
+
+
+def _binary_columns(table: sa.Table) -> list[str]:
+    return [
+        c.name
+        for c in table.columns
+        if isinstance(c.type, sa.types._Binary) and c.name not in table.primary_key.c
+    ]
+
+
+def _sample(conn: Connection, table: sa.Table, column: str) -> list[tuple[int, int] | None]:
+    """Parsed headers of a few stored values (None where a value is not ours)."""
+    col = sa.column(column, sa.LargeBinary)
+    stmt = sa.select(col).select_from(table).where(col.is_not(None)).limit(SAMPLE_SIZE)
+    return [wire.parse_header(bytes(v)) for v in conn.execute(stmt).scalars()]
+
+
+def _looks_encrypted(heads: list[tuple[int, int] | None], key_scopes: dict[int, str]) -> bool:
+    ours = sum(1 for h in heads if h is not None and h[1] in key_scopes)
+    return ours > len(heads) / 2
+
+
+def _mode(
+    table: str,
+    column: str,
+    types: dict[str, Encrypted],
+    envelope: Envelope,
+    heads: list[tuple[int, int] | None],
+    key_scopes: dict[int, str],
+) -> tuple[str, bool]:
+    declared = types.get(column)
+    if declared is not None:
+        return declared.scope or table, declared.deterministic
+    ours = [h for h in heads if h is not None and h[1] in key_scopes]
+    algorithms = Counter(a for a, _ in ours)
+    deterministic = bool(algorithms) and algorithms.most_common(1)[0][0] == wire.DETERMINISTIC
+    scope = envelope.columns.get((table, column))
+    if scope is None:
+        scopes = Counter(key_scopes[k] for _, k in ours)
+        scope = scopes.most_common(1)[0][0] if scopes else table
+    return scope, deterministic

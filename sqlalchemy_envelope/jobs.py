@@ -1,0 +1,274 @@
+"""Batch jobs over whole tables: re-encrypt under the active key, verify, and convert columns.
+
+They work on stored bytes with a :class:`~sqlalchemy_envelope.crypter.ColumnCrypter`
+(no codecs), so they need nothing but the database and the KMS. Each job walks
+the table in primary-key order (keyset pagination), one transaction per
+batch, holding one batch in memory. ``distributed=True`` lets several workers
+share one table through claimed key ranges (see :mod:`sqlalchemy_envelope.claims`).
+Progress is logged at INFO on the ``sqlalchemy_envelope`` logger with scopes,
+key ids and counts, never values.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from . import wire
+from .batches import Key, Progress, check_batch_size, connect, count, execute_counted, walk
+from .claims import SharedJob, jobs_table
+from .crypter import Cipher
+from .discovery import Target, resolve
+from .errors import DecryptionError, KeyDestroyedError, KeyNotFoundError
+from .inplace import decrypt_column, encrypt_column, reencrypt_column
+from .reports import (
+    KEY_DESTROYED,
+    KEY_NOT_FOUND,
+    NOT_AUTHENTIC,
+    ColumnJobReport,
+    ColumnReport,
+    ReencryptReport,
+    VerifyReport,
+)
+
+if TYPE_CHECKING:
+    from .envelope import Envelope
+
+__all__ = [
+    "ColumnJobReport",
+    "ReencryptReport",
+    "VerifyReport",
+    "decrypt_column",
+    "encrypt_column",
+    "reencrypt",
+    "reencrypt_column",
+    "verify",
+]
+
+log = logging.getLogger("sqlalchemy_envelope")
+
+LOG_EVERY = 10.0  # seconds between INFO progress lines
+
+
+def reencrypt(
+    envelope: Envelope,
+    table_or_model: Any,
+    *,
+    batch_size: int = 1000,
+    progress: Progress | None = None,
+    columns: Sequence[str] | None = None,
+    bind: Engine | Connection | None = None,
+    distributed: bool = False,
+    chunk_rows: int | None = None,
+    lease: float = 120.0,
+) -> ReencryptReport:
+    """Move every value of the table's encrypted columns that is not under its scope's active key.
+
+    ``table_or_model`` is an ORM model, a ``Table`` or a table name (whose
+    encrypted columns are found from the envelope's models or, failing that,
+    from the stored values; ``columns=`` names them explicitly). The table is
+    read from ``bind`` (default: the envelope's engine) in primary-key order,
+    ``batch_size`` rows per transaction; ``progress(done, total)`` is called
+    after each committed batch (``total`` is a ``COUNT(*)`` taken at the
+    start).
+
+    Everything is re-derived from what is stored, so the job is resumable after
+    a crash at any point and never encrypts twice: values already under the
+    active key are skipped. Each value is written with a compare-and-set,
+    ``UPDATE ... SET col = :new WHERE pk = :pk AND col = :old``, so a value the
+    application changed since the batch read it keeps the application's write.
+    The remaining window: a value the application writes under a key that was
+    active when it started but has been rotated out since is left under that
+    key until the next run (a rotation during the job moves the target too).
+
+    ``distributed=True``: this call is one of several workers (processes or
+    machines) sharing the table; start the same call on each. They split it
+    into claimed ranges of ``chunk_rows`` rows (default ``10 * batch_size``)
+    through a jobs table in the database; a range whose worker died is taken
+    over after ``lease`` seconds. Each call returns once the whole table is
+    done; its report counts the rows this worker handled.
+    """
+    batch_size = check_batch_size(batch_size)
+    with connect(bind if bind is not None else envelope.engine) as conn:
+        target = resolve(envelope, conn, table_or_model, columns)
+        total = count(conn, target.table)
+        report = ReencryptReport(target.name)
+        rewriter = _Rewriter(conn, target, report)
+        query = sa.select(*target.pk, *target.columns)
+        _log_start("reencrypt", target, total)
+        ticker = _Ticker("reencrypt", target.name, total)
+
+        def work(lo: Key | None, hi: Key | None, renew: Callable[[], None]) -> None:
+            for rows in walk(
+                conn, query, target.pk, rewriter.batch, batch_size=batch_size, lo=lo, hi=hi,
+                before_batch=rewriter.load_active,
+            ):  # fmt: skip
+                report.rows += rows
+                renew()
+                if progress is not None:
+                    progress(report.rows, total)
+                ticker.tick(report.rows)
+
+        if distributed:
+            job = f"reencrypt {target.name}({','.join(target.crypters)})"
+            shared = SharedJob(
+                conn,
+                jobs_table(f"{envelope.table.name}_jobs", target.table.schema),
+                job,
+                chunk_rows=chunk_rows or 10 * batch_size,
+                lease=lease,
+            )
+            shared.run(target.table, target.pk, work, final=lambda: None)
+        else:
+            work(None, None, lambda: None)
+    log.info("reencrypt finished: %s", report)
+    return report
+
+
+def verify(
+    envelope: Envelope,
+    table_or_model: Any,
+    *,
+    columns: Sequence[str] | None = None,
+    batch_size: int = 1000,
+    bind: Engine | Connection | None = None,
+) -> VerifyReport:
+    """Count the table's encrypted values per key id, and find plaintext and unreadable ones.
+
+    Every value is decrypted (authenticated) but none is kept, shown or logged.
+    Reads ``batch_size`` rows at a time in primary-key order.
+    """
+    batch_size = check_batch_size(batch_size)
+    with connect(bind if bind is not None else envelope.engine) as conn:
+        target = resolve(envelope, conn, table_or_model, columns)
+        report = VerifyReport(
+            target.name, columns={name: ColumnReport() for name in target.crypters}
+        )
+        failed: dict[int, str] = {}  # key id -> cause, so a missing key costs one lookup
+        offset = len(target.pk)
+
+        def check(rows: list[sa.Row[Any]]) -> None:
+            for i, (name, crypter) in enumerate(target.crypters.items(), offset):
+                counts = report.columns[name]
+                for row in rows:
+                    value = row[i]
+                    if value is None:
+                        counts.null += 1
+                        continue
+                    value = bytes(value)
+                    key_id = wire.key_id_of(value)
+                    cause = NOT_AUTHENTIC if key_id is None else failed.get(key_id)
+                    if key_id is None:
+                        counts.plaintext += 1
+                        continue
+                    if cause is None:
+                        try:
+                            crypter.decrypt(value)
+                        except KeyDestroyedError:
+                            cause = failed[key_id] = KEY_DESTROYED
+                        except KeyNotFoundError:
+                            cause = failed[key_id] = KEY_NOT_FOUND
+                        except DecryptionError:
+                            cause = NOT_AUTHENTIC
+                    if cause is None:
+                        counts.by_key[key_id] += 1
+                    else:
+                        counts.unreadable += 1
+                        counts.unreadable_by_cause[cause] += 1
+
+        query = sa.select(*target.pk, *target.columns)
+        for rows in walk(conn, query, target.pk, check, batch_size=batch_size):
+            report.rows += rows
+    log.info("verify %s", report)
+    return report
+
+
+class _Rewriter:
+    """Moves one batch of values to the active keys, with compare-and-set updates."""
+
+    def __init__(self, conn: Connection, target: Target, report: ReencryptReport) -> None:
+        self.conn = conn
+        self.target = target
+        self.report = report
+        self.active: dict[str, Cipher] = {}
+        self.failed: set[int] = set()
+        t, pk = target.table, target.pk
+        self.updates = {
+            name: t.update()
+            .where(*(c == sa.bindparam(f"_env_k{i}", type_=c.type) for i, c in enumerate(pk)))
+            .where(t.c[name] == sa.bindparam("_env_old", type_=sa.LargeBinary))
+            .values({name: sa.bindparam("_env_new", type_=sa.LargeBinary)})
+            for name in target.crypters
+        }
+
+    def load_active(self) -> None:
+        # Outside the batch's transaction: creating a scope's first key must not
+        # wait behind our own locks (SQLite). One key per batch, even if rotated meanwhile.
+        for name, crypter in self.target.crypters.items():
+            cipher = self.active[name] = crypter.for_writing()
+            self.report.active_keys[crypter.scope] = cipher.key_id
+
+    def batch(self, rows: list[sa.Row[Any]]) -> None:
+        offset = len(self.target.pk)
+        for i, (name, crypter) in enumerate(self.target.crypters.items(), offset):
+            active = self.active[name]
+            params = []
+            for row in rows:
+                value = row[i]
+                if value is None:
+                    continue
+                value = bytes(value)
+                if value[: wire.HEADER_BYTES] == active.head:
+                    self.report.values_current += 1
+                    continue
+                key_id = wire.key_id_of(value)
+                if key_id is None:
+                    self.report.plaintext += 1
+                    continue
+                if key_id in self.failed:
+                    self.report.unreadable += 1
+                    continue
+                try:
+                    plaintext = crypter.decrypt(value)
+                except KeyNotFoundError:
+                    self.failed.add(key_id)
+                    self.report.unreadable += 1
+                    continue
+                except DecryptionError:
+                    self.report.unreadable += 1
+                    continue
+                keys = {f"_env_k{n}": v for n, v in enumerate(row[:offset])}
+                params.append(
+                    {**keys, "_env_old": value, "_env_new": active.head + active.seal(plaintext)}
+                )
+            if params:
+                written = execute_counted(self.conn, self.updates[name], params)
+                self.report.values_rewritten += written
+                self.report.values_changed += len(params) - written
+
+
+def _log_start(job: str, target: Target, total: int) -> None:
+    columns = ", ".join(f"{name} (scope {c.scope!r})" for name, c in target.crypters.items())
+    log.info("%s %s: %d rows; columns %s", job, target.name, total, columns)
+
+
+class _Ticker:
+    """INFO progress lines, at most one every ``LOG_EVERY`` seconds."""
+
+    def __init__(self, job: str, table: str, total: int | None) -> None:
+        self.job, self.table, self.total = job, table, total
+        self.started = self.last = time.monotonic()
+
+    def tick(self, done: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= LOG_EVERY:
+            self.last = now
+            rate = done / max(now - self.started, 1e-9)
+            log.info(
+                "%s %s: %d of %s rows (%.0f rows/s)", self.job, self.table, done, self.total, rate
+            )

@@ -1,0 +1,197 @@
+"""The last step of an in-place column conversion: the shadow column takes the column's place.
+
+One atomic step per database, so a crash leaves either the old column or the
+new one, never a table without either:
+
+* PostgreSQL: one transaction (DDL is transactional) that first locks the
+  table, so no write slips in between the last fill and the drop.
+* SQLite: one transaction holding the database's write lock; the table is
+  rebuilt with Alembic's batch mode (SQLite cannot add NOT NULL in place).
+* MySQL/MariaDB: ``LOCK TABLES ... WRITE`` for the last fill, then one
+  ``ALTER TABLE`` that drops the column, renames the shadow and re-creates
+  the indexes together (a single DDL statement is atomic there).
+
+Indexes and unique constraints on the column are re-created on the new one
+under their names; NOT NULL is restored. Foreign keys, CHECK constraints,
+defaults and expression or partial indexes that involve the column are not,
+since they describe the old values (each is logged).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from sqlalchemy.schema import CreateColumn
+
+log = logging.getLogger("sqlalchemy_envelope")
+
+FillRest = Callable[[], int]
+
+
+@dataclass(frozen=True)
+class Index:
+    name: str
+    columns: tuple[str, ...]
+    unique: bool
+    constraint: bool  # a UNIQUE constraint rather than an index
+
+
+def swap(
+    conn: Connection,
+    table: str,
+    schema: str | None,
+    column: str,
+    shadow: str,
+    new_type: sa.types.TypeEngine[Any],
+    fill_rest: FillRest,
+) -> None:
+    """Replace ``column`` by ``shadow`` (of ``new_type``) after filling the rows still missing."""
+    dialect = conn.dialect.name
+    q = conn.dialect.identifier_preparer
+    qt = q.format_table(sa.table(table, schema=schema))
+    if dialect == "mysql":  # also MariaDB
+        with conn.begin():
+            conn.exec_driver_sql(f"LOCK TABLES {qt} WRITE")
+            try:
+                _finish_fill(fill_rest, table, column)
+                nullable, indexes = _schema(conn, table, schema, column)
+                spec = _column_spec(conn, column, new_type, nullable)
+                clauses = [f"DROP INDEX {q.quote(i.name)}" for i in indexes]
+                clauses += [
+                    f"DROP COLUMN {q.quote(column)}",
+                    f"CHANGE COLUMN {q.quote(shadow)} {spec}",
+                ]
+                clauses += [_add_index_clause(q, i) for i in indexes]
+                conn.exec_driver_sql(f"ALTER TABLE {qt} {', '.join(clauses)}")
+            finally:
+                conn.exec_driver_sql("UNLOCK TABLES")
+        log.info("swapped %s.%s for its converted copy", table, column)
+        return
+    with conn.begin():
+        if dialect == "postgresql":
+            conn.exec_driver_sql(f"LOCK TABLE {qt} IN ACCESS EXCLUSIVE MODE")
+        else:  # take SQLite's write lock first (pysqlite begins on the first write)
+            lock = f"UPDATE {qt} SET {q.quote(shadow)} = {q.quote(shadow)} WHERE 1 = 0"  # noqa: S608
+            conn.exec_driver_sql(lock)
+        _finish_fill(fill_rest, table, column)
+        nullable, indexes = _schema(conn, table, schema, column)
+        if dialect == "postgresql":
+            conn.exec_driver_sql(f"ALTER TABLE {qt} DROP COLUMN {q.quote(column)}")
+            conn.exec_driver_sql(
+                f"ALTER TABLE {qt} RENAME COLUMN {q.quote(shadow)} TO {q.quote(column)}"
+            )
+            if not nullable:
+                conn.exec_driver_sql(
+                    f"ALTER TABLE {qt} ALTER COLUMN {q.quote(column)} SET NOT NULL"
+                )
+            for index in indexes:
+                conn.exec_driver_sql(_create_index(q, qt, index, constraints=True))
+        else:
+            _sqlite_rebuild(conn, table, schema, column, shadow, new_type, nullable, indexes)
+    log.info(
+        "swapped %s.%s for its converted copy (nullable=%s, %d indexes)",
+        table,
+        column,
+        nullable,
+        len(indexes),
+    )
+
+
+def _finish_fill(fill_rest: FillRest, table: str, column: str) -> None:
+    late = fill_rest()
+    if late:
+        log.info("%s.%s: converted %d rows written during the job", table, column, late)
+
+
+def _schema(
+    conn: Connection, table: str, schema: str | None, column: str
+) -> tuple[bool, list[Index]]:
+    insp = sa.inspect(conn)
+    info = next(c for c in insp.get_columns(table, schema) if c["name"] == column)
+    if info.get("default") is not None:
+        log.warning(
+            "%s.%s: its server default describes the old values and is dropped", table, column
+        )
+    indexes: dict[str, Index] = {}
+    for uq in insp.get_unique_constraints(table, schema):
+        if column in uq["column_names"]:
+            uq_name = uq["name"] or f"uq_{table}_{'_'.join(uq['column_names'])}"
+            indexes[uq_name] = Index(uq_name, tuple(uq["column_names"]), True, True)
+    for ix in insp.get_indexes(table, schema):
+        names, name = ix["column_names"], ix["name"]
+        if name is None or name in indexes or ix.get("duplicates_constraint"):
+            continue
+        options = ix.get("dialect_options") or {}
+        special = " ".join(str(v) for k, v in options.items() if k.endswith("_where"))
+        special += " ".join(ix.get("expressions") or [])
+        if special or None in names:
+            if column in names or column in special:
+                log.warning(
+                    "%s: index %s has expressions or a WHERE clause; not re-created", table, name
+                )
+            continue
+        if column in names:
+            indexes[name] = Index(name, tuple(str(n) for n in names), bool(ix["unique"]), False)
+    for fk in insp.get_foreign_keys(table, schema):
+        if column in fk["constrained_columns"]:
+            log.warning(
+                "%s.%s: foreign key %s cannot hold on converted values; dropped",
+                table,
+                column,
+                fk["name"],
+            )
+    return bool(info["nullable"]), list(indexes.values())
+
+
+def _column_spec(
+    conn: Connection, name: str, type_: sa.types.TypeEngine[Any], nullable: bool
+) -> str:
+    return str(
+        CreateColumn(sa.Column(name, type_, nullable=nullable)).compile(dialect=conn.dialect)
+    )
+
+
+def _add_index_clause(q: Any, index: Index) -> str:
+    cols = ", ".join(q.quote(c) for c in index.columns)
+    return f"ADD {'UNIQUE ' if index.unique else ''}INDEX {q.quote(index.name)} ({cols})"
+
+
+def _create_index(q: Any, qt: str, index: Index, *, constraints: bool) -> str:
+    cols = ", ".join(q.quote(c) for c in index.columns)
+    if index.constraint and constraints:
+        return f"ALTER TABLE {qt} ADD CONSTRAINT {q.quote(index.name)} UNIQUE ({cols})"
+    unique = "UNIQUE " if index.unique else ""
+    return f"CREATE {unique}INDEX {q.quote(index.name)} ON {qt} ({cols})"
+
+
+def _sqlite_rebuild(
+    conn: Connection,
+    table: str,
+    schema: str | None,
+    column: str,
+    shadow: str,
+    new_type: sa.types.TypeEngine[Any],
+    nullable: bool,
+    indexes: list[Index],
+) -> None:
+    from alembic.operations import Operations
+    from alembic.runtime.migration import MigrationContext
+
+    q = conn.dialect.identifier_preparer
+    # A rebuild killed before this transaction began may have left Alembic's copy behind.
+    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {q.quote('_alembic_tmp_' + table)}")
+    for index in indexes:  # batch mode cannot carry them across a drop-and-rename
+        if not index.constraint:
+            conn.exec_driver_sql(f"DROP INDEX {q.quote(index.name)}")
+    ops = Operations(MigrationContext.configure(conn))
+    with ops.batch_alter_table(table, schema=schema, recreate="always") as batch:
+        batch.drop_column(column)
+        batch.alter_column(shadow, new_column_name=column, nullable=nullable)
+    qt = q.format_table(sa.table(table, schema=schema))
+    for index in indexes:  # SQLite enforces a unique index exactly as a UNIQUE constraint
+        conn.exec_driver_sql(_create_index(q, qt, index, constraints=False))
