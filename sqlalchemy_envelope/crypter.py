@@ -58,8 +58,12 @@ class ColumnCrypter:
         return where(self.table, self.column, key_id)
 
     # -- slow paths (the hot path lives in the column type's processors) -------------
-    def _derive(self, algorithm: int, key: DataKey, expires: float) -> Cipher:
+    def _cipher(self, algorithm: int, key: DataKey, expires: float) -> Cipher:
+        """The cipher of ``key`` for this column, derived once per key and ``cache_ttl``."""
         head = wire.header(algorithm, key.id)
+        cipher = self.ciphers.get(head)
+        if cipher is not None and cipher.expires >= expires:
+            return cipher
         seal, open_ = column_cipher(
             algorithm == wire.DETERMINISTIC,
             key.material,
@@ -75,9 +79,10 @@ class ColumnCrypter:
         """The cipher under the scope's active key (creating the key if needed)."""
         cipher = self.active
         if cipher is None or cipher.expires <= clock():
-            expires, key = self.envelope._keys().active_key(self.scope)
-            cipher = self._derive(self.algorithm, key, expires)
-            self.active = cipher
+            expires, checked_until, key = self.envelope._keys().active_key(self.scope)
+            cipher = self._cipher(self.algorithm, key, expires)
+            # Ask again which key is active when that lookup expires.
+            cipher = self.active = cipher._replace(expires=min(expires, checked_until))
         return cipher
 
     def for_reading(self, value: bytes) -> Cipher:
@@ -90,12 +95,12 @@ class ColumnCrypter:
             raise DecryptionError(f"{self.where()}: the stored value is not a valid encrypted value")
         algorithm, key_id = parsed
         expires, key = self.envelope._keys().data_key(key_id)
-        return self._derive(algorithm, key, expires)
+        return self._cipher(algorithm, key, expires)
 
     def for_lookup(self) -> list[Cipher]:
         """Deterministic ciphers under every readable key of the scope."""
         keys = self.envelope._keys().readable_keys(self.scope)
-        return [self._derive(self.algorithm, key, expires) for expires, key in keys]
+        return [self._cipher(self.algorithm, key, expires) for expires, key in keys]
 
     # -- bytes in, bytes out ---------------------------------------------------------
     def encrypt(self, plaintext: bytes) -> bytes:

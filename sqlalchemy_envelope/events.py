@@ -8,8 +8,8 @@
 * ``begin``, on SQLite only: SQLite has one writer at a time, so once an
   application transaction has written, the keyring's own connection could not
   create a new scope's first key until it ends. When a transaction begins (before
-  it holds any lock), the active keys of every scope declared with the envelope
-  are made to exist, once per process and scope.
+  it holds any lock), every scope declared with the envelope that has never had
+  a key gets its first one, once per process and scope.
 * ``before_cursor_execute``: under asyncio, a plain ``AsyncConnection.execute``
   processes result rows after the statement's greenlet has finished, where no
   I/O is possible. Just before such a statement runs (inside the greenlet), the
@@ -30,12 +30,12 @@ from sqlalchemy.engine import Engine, ExceptionContext
 
 from . import _runtime
 from .errors import EnvelopeError
+from .keyring import in_keyring_io
 
 _installed = False
 _lock = threading.Lock()
 _readers: weakref.WeakKeyDictionary[Any, tuple[Any, ...]] = weakref.WeakKeyDictionary()
 _sqlite_managers: weakref.WeakSet[Any] = weakref.WeakSet()
-_preparing = threading.local()
 
 
 def install() -> None:
@@ -56,18 +56,14 @@ def watch_sqlite(manager: Any) -> None:
 
 
 def _prepare_sqlite_scopes(conn: Any) -> None:
-    if conn.dialect.name != "sqlite" or getattr(_preparing, "active", False):
+    if conn.dialect.name != "sqlite" or in_keyring_io():
         return
     for manager in list(_sqlite_managers):
-        if manager.keyring.engine is not conn.engine:
-            continue
-        _preparing.active = True  # the keyring's own transactions begin too
-        try:
-            manager.prepare_scopes()
-        except sa.exc.OperationalError:
-            pass  # no keyring table yet (create_all is running): the next transaction retries
-        finally:
-            _preparing.active = False
+        if manager.keyring.engine is conn.engine:
+            try:
+                manager.prepare_scopes()
+            except sa.exc.OperationalError:
+                pass  # no keyring table yet (create_all is running): the next transaction retries
 
 
 def _redact_parameters(context: ExceptionContext) -> BaseException | None:

@@ -13,6 +13,7 @@ never leaves ciphertext whose key row vanished.
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,6 +24,13 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 ACTIVE, RETIRED, DESTROYED = "active", "retired", "destroyed"
+
+_own_io = threading.local()
+
+
+def in_keyring_io() -> bool:
+    """Whether this thread is inside one of the keyring's own connections."""
+    return bool(getattr(_own_io, "depth", 0))
 STATES = (ACTIVE, RETIRED, DESTROYED)
 
 
@@ -82,8 +90,18 @@ class Keyring:
 
     @contextmanager
     def begin(self) -> Iterator[Connection]:
-        with self.engine.begin() as conn:
+        with self.connect() as conn, conn.begin():
             yield conn
+
+    @contextmanager
+    def connect(self) -> Iterator[Connection]:
+        """A connection of the keyring's own (marked, so engine events can tell)."""
+        _own_io.depth = getattr(_own_io, "depth", 0) + 1
+        try:
+            with self.engine.connect() as conn:
+                yield conn
+        finally:
+            _own_io.depth -= 1
 
     def _select(self) -> sa.Select[Any]:
         t = self.table
@@ -111,13 +129,13 @@ class Keyring:
         if conn is not None:
             row = conn.execute(stmt).first()
         else:
-            with self.engine.connect() as c:
+            with self.connect() as c:
                 row = c.execute(stmt).first()
         return None if row is None else self._row(row)
 
     def active(self, scope: str) -> KeyRow | None:
         stmt = self._select().where(self.table.c.active_scope == scope)
-        with self.engine.connect() as conn:
+        with self.connect() as conn:
             row = conn.execute(stmt).first()
         return None if row is None else self._row(row)
 
@@ -125,7 +143,7 @@ class Keyring:
         stmt = self._select().where(self.table.c.state.in_(list(states))).order_by(self.table.c.id)
         if scope is not None:
             stmt = stmt.where(self.table.c.scope == scope)
-        with self.engine.connect() as conn:
+        with self.connect() as conn:
             return [self._row(r) for r in conn.execute(stmt)]
 
     def insert_active(self, scope: str, wrapped: bytes, kms_key_id: str) -> KeyRow | None:

@@ -108,10 +108,10 @@ class KeyManager:
 
         return self.cache.get_or_load(key_id, load)
 
-    def active_key(self, scope: str) -> tuple[float, DataKey]:
-        """The scope's active key, created (once, whatever the concurrency) if it has none.
+    def active_key(self, scope: str) -> tuple[float, float, DataKey]:
+        """``(expires_at, checked_until, key)``: the scope's active key, created once if missing.
 
-        The expiry returned is the earlier of the key's and of the active-key lookup's.
+        ``checked_until`` is when to ask the keyring again which key is active.
         """
 
         def load() -> int:
@@ -123,7 +123,7 @@ class KeyManager:
 
         checked_until, key_id = self.meta.get_or_load(("active", scope), load)
         expires, key = self.data_key(key_id)
-        return min(expires, checked_until), key
+        return expires, checked_until, key
 
     def readable_keys(self, scope: str) -> list[tuple[float, DataKey]]:
         """Every key of the scope that can still decrypt (for deterministic lookups)."""
@@ -140,12 +140,12 @@ class KeyManager:
         return keys
 
     def prepare_scopes(self) -> None:
-        """Make sure every declared scope has an active key (see ``events``: SQLite)."""
+        """Create the first key of every declared scope that never had one (see ``events``)."""
         missing = self.known_scopes() - self._prepared
         if not missing:
             return
-        active = {r.scope for r in self.keyring.rows(states=(ACTIVE,))}
-        for scope in sorted(missing - active):
+        existing = {r.scope for r in self.keyring.rows()}
+        for scope in sorted(missing - existing):
             self.active_key(scope)
         self._prepared |= missing
 
@@ -171,7 +171,3 @@ class KeyManager:
         if key_id is not None:
             self.cache.discard(lambda entry: entry == key_id)
         self.meta.discard(lambda entry: scope is None or entry[1] == scope)  # type: ignore[index]
-        if scope is None:
-            self._prepared.clear()
-        else:
-            self._prepared.discard(scope)

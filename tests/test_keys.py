@@ -1,0 +1,181 @@
+"""Key lifecycle and the key cache, across envelopes standing in for separate processes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+import sqlalchemy as sa
+
+from sqlalchemy_envelope import (
+    DecryptionError,
+    Encrypted,
+    Envelope,
+    KeyDestroyedError,
+    KeyInUseError,
+    KeyNotFoundError,
+    LocalKms,
+)
+from sqlalchemy_envelope.cache import Cache, Stats
+
+
+def _schema(**options: float) -> tuple[Envelope, sa.Table]:
+    metadata = sa.MetaData()
+    envelope = Envelope(metadata, **options)  # type: ignore[arg-type]
+    table = sa.Table(
+        "notes",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("body", Encrypted(sa.Text, envelope)),
+    )
+    return envelope, table
+
+
+@pytest.fixture
+def two_processes(
+    db_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> tuple[Envelope, Envelope, sa.Table, sa.Engine]:
+    """Two envelopes on one database: what two application processes would hold."""
+    engine = make_engine(db_url)
+    first, table = _schema(keyring_refresh=0.05)
+    second, _ = _schema(keyring_refresh=0.05)
+    table.metadata.create_all(engine)
+    first.configure(kms=local_kms, engine=engine)
+    second.configure(kms=local_kms, engine=make_engine(db_url))
+    return first, second, table, engine
+
+
+def _key_of(engine: sa.Engine, row_id: int) -> int:
+    with engine.connect() as conn:
+        raw = conn.execute(
+            sa.text("SELECT body FROM notes WHERE id = :i"), {"i": row_id}
+        ).scalar_one()
+    return int.from_bytes(bytes(raw)[2:6], "big")
+
+
+def test_rotation_elsewhere_takes_effect_within_keyring_refresh(two_processes: tuple) -> None:  # type: ignore[type-arg]
+    _, second, table, engine = two_processes
+    with engine.begin() as conn:
+        conn.execute(table.insert().values(id=1, body="before"))
+    new = second.rotate("notes")
+    time.sleep(0.1)
+    with engine.begin() as conn:
+        conn.execute(table.insert().values(id=2, body="after"))
+    assert _key_of(engine, 1) != new and _key_of(engine, 2) == new
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(table.c.body).order_by(table.c.id)).scalars().all() == [
+            "before",
+            "after",
+        ]
+
+
+def test_cache_ttl_bounds_how_long_a_key_is_used_from_memory(
+    sqlite_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    envelope, table = _schema(cache_ttl=0.2)
+    engine = make_engine(sqlite_url)
+    table.metadata.create_all(engine)
+    envelope.configure(kms=local_kms, engine=engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert().values(id=1, body="x"))
+    reader, _ = _schema(cache_ttl=0.2)
+    reader.configure(kms=local_kms, engine=engine)
+    reader_table = table.to_metadata(sa.MetaData())
+    reader_table.c.body.type.envelope = reader
+    select = sa.select(table.c.body)
+    with engine.connect() as conn:
+        for _ in range(5):
+            conn.execute(select).all()
+        calls = envelope.stats.kms_calls
+        time.sleep(0.25)
+        conn.execute(select).all()
+    assert envelope.stats.kms_calls == calls + 1
+
+
+def test_destroy_refuses_in_use_then_shreds(two_processes: tuple) -> None:  # type: ignore[type-arg]
+    first, second, table, engine = two_processes
+    with engine.begin() as conn:
+        conn.execute(table.insert().values(id=1, body="secret"))
+    key_id = first.keys("notes")[0].id
+    with pytest.raises(KeyInUseError, match=r"notes\.body \(1\)"):
+        first.destroy(key_id)
+    first.destroy(key_id, force=True)
+    assert [(k.id, k.state) for k in first.keys()] == [(key_id, "destroyed")]
+    with engine.connect() as conn, pytest.raises(KeyDestroyedError, match=str(key_id)):
+        conn.execute(sa.select(table.c.body)).all()
+    with engine.connect() as conn:
+        wrapped = conn.execute(sa.text("SELECT wrapped_key FROM envelope_data_keys")).scalar()
+    assert wrapped is None
+    # The next write creates a new active key; the other process follows within keyring_refresh.
+    time.sleep(0.1)
+    with engine.begin() as conn:
+        conn.execute(table.insert().values(id=2, body="fresh"))
+    assert _key_of(engine, 2) != key_id
+    states = sorted(k.state for k in second.keys("notes"))
+    assert states == ["active", "destroyed"]
+    with pytest.raises(KeyNotFoundError):
+        first.destroy(9999)
+
+
+def test_rewrap_moves_every_key_and_touches_no_row(two_processes: tuple) -> None:  # type: ignore[type-arg]
+    first, _, table, engine = two_processes
+    with engine.begin() as conn:
+        conn.execute(table.insert().values(id=1, body="one"))
+    first.rotate("notes")
+    with engine.begin() as conn:
+        conn.execute(table.insert().values(id=2, body="two"))
+        rows_before = conn.execute(sa.text("SELECT id, body FROM notes ORDER BY id")).all()
+    new_kms = LocalKms(b"n" * 32)
+    assert first.rewrap(new_kms) == 2
+    assert first.rewrap(new_kms) == 0  # resumable: nothing left to move
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT id, body FROM notes ORDER BY id")).all() == rows_before
+    assert {k.kms_key_id for k in first.keys()} == {new_kms.kms_key_id}
+    fresh, fresh_table = _schema()
+    fresh.configure(kms=new_kms, engine=engine)  # a process that knows only the new KMS
+    with engine.connect() as conn:
+        assert conn.execute(
+            sa.select(fresh_table.c.body).order_by(fresh_table.c.id)
+        ).scalars().all() == [
+            "one",
+            "two",
+        ]
+
+
+def test_a_value_from_another_keyring_does_not_decrypt(
+    db_url: str, make_engine: Callable[..., sa.Engine]
+) -> None:
+    engine = make_engine(db_url)
+    envelope, table = _schema()
+    table.metadata.create_all(engine)
+    envelope.configure(kms=LocalKms(b"a" * 32), engine=engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert().values(id=1, body="ours"))
+        ours = conn.execute(sa.text("SELECT body FROM notes")).scalar_one()
+        # another database: same key id 1, another data key
+        conn.execute(sa.text("DELETE FROM notes"))
+        conn.execute(sa.text("DELETE FROM envelope_data_keys"))
+        if engine.dialect.name == "postgresql":
+            conn.execute(sa.text("ALTER SEQUENCE envelope_data_keys_id_seq RESTART WITH 1"))
+    envelope._forget()
+    with engine.begin() as conn:
+        conn.execute(table.insert().values(id=1, body="theirs"))
+    assert _key_of(engine, 1) == int.from_bytes(bytes(ours)[2:6], "big")  # same id, other key
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE notes SET body = :b"), {"b": ours})
+    with engine.connect() as conn, pytest.raises(DecryptionError):
+        conn.execute(sa.select(table.c.body)).all()
+
+
+def test_cache_limits_are_checked_and_kept() -> None:
+    with pytest.raises(ValueError):
+        Cache(ttl=0, capacity=1, stats=Stats())
+    with pytest.raises(ValueError):
+        Cache(ttl=1, capacity=0, stats=Stats())
+    cache: Cache[str] = Cache(ttl=60, capacity=2, stats=Stats())
+    loads: list[int] = []
+    for key in (1, 2, 1, 3, 1, 2):
+        cache.get_or_load(key, lambda key=key: loads.append(key) or str(key))  # type: ignore[misc]
+    assert loads == [1, 2, 3, 2]  # 2 was the least recently used when 3 arrived
+    assert "entries=2" in repr(cache)
