@@ -120,12 +120,11 @@ class _KeyringOp(MigrateOperation):
         self.envelope = envelope
 
     def table(self, context: MigrationContext) -> sa.Table:
-        name = self.table_name
-        if name is None:
-            found = self.envelope or _registered(context)
-            name = found.table.name if found is not None else DEFAULT_TABLE
-        table = keyring_table(sa.MetaData(schema=self.schema), name)
-        return table
+        found = self.envelope or _registered(context)
+        name = self.table_name or (found.table.name if found is not None else DEFAULT_TABLE)
+        # The application's naming convention, so constraint names match its models.
+        naming = found.table.metadata.naming_convention if found is not None else None
+        return keyring_table(sa.MetaData(schema=self.schema, naming_convention=naming), name)
 
 
 @Operations.register_operation("create_keyring_table")
