@@ -1,0 +1,301 @@
+"""encrypt_column / decrypt_column in place, on SQLite, Postgres and MySQL/MariaDB."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from sqlalchemy_envelope import Encrypted, Envelope, LocalKms, wire
+from sqlalchemy_envelope.jobs import decrypt_column, encrypt_column, verify
+
+ROWS = 240
+
+
+class Interrupted(Exception):
+    pass
+
+
+def plaintext_types(dialect: str) -> dict[str, sa.types.TypeEngine[Any]]:
+    return {
+        "s": sa.String(40),
+        "i": sa.Integer(),
+        "n": sa.Numeric(12, 4),
+        "ts": sa.DateTime(timezone=True),
+        "j": sa.JSON(),
+        "d": sa.Date(),
+        "b": sa.Boolean(),
+    }
+
+
+def value(column: str, i: int, dialect: str) -> Any:
+    if i % 11 == 0:
+        return None
+    when = dt.datetime(2024, 3, 1, 12, 30, 15, 123456, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    return {
+        "s": f"secret {i} é",
+        "i": i * 1000 - 7,
+        "n": decimal.Decimal(i) / 8,
+        # Only Postgres keeps an offset; elsewhere the plaintext column is naive.
+        "ts": (when if dialect == "postgresql" else when.replace(tzinfo=None))
+        + dt.timedelta(minutes=i),
+        "j": {"i": i, "list": [1, "two", None], "nested": {"ok": i % 2 == 0}},
+        "d": dt.date(2020, 1, 1) + dt.timedelta(days=i),
+        "b": i % 2 == 0,
+    }[column]
+
+
+def make_table(engine: sa.Engine) -> tuple[sa.Table, list[tuple[Any, ...]]]:
+    dialect = engine.dialect.name
+    types = plaintext_types(dialect)
+    metadata = sa.MetaData()
+    table = sa.Table(
+        "records",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("code", sa.String(20), nullable=False, unique=True),
+        *(sa.Column(name, type_) for name, type_ in types.items()),
+    )
+    metadata.create_all(engine)
+    rows = [
+        {"id": i, "code": f"code-{i:05d}", **{c: value(c, i, dialect) for c in types}}
+        for i in range(1, ROWS + 1)
+    ]
+    with engine.begin() as conn:
+        conn.execute(table.insert(), rows)
+    return table, read(engine, table)
+
+
+def read(engine: sa.Engine, table: sa.Table) -> list[tuple[Any, ...]]:
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(sa.select(table).order_by(table.c.id))]
+
+
+def encrypted_view(table: sa.Table, envelope: Envelope, columns: list[str]) -> sa.Table:
+    return sa.Table(
+        table.name,
+        sa.MetaData(),
+        *(
+            sa.Column(c.name, Encrypted(c.type, envelope) if c.name in columns else c.type)
+            for c in table.columns
+        ),
+    )
+
+
+def raw(engine: sa.Engine, column: str) -> list[bytes]:
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(f"SELECT {column} FROM records WHERE {column} IS NOT NULL"))
+        return [bytes(v) for (v,) in rows]
+
+
+@pytest.fixture
+def setup(
+    any_db_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> tuple[Envelope, sa.Engine, sa.Table, list[tuple[Any, ...]]]:
+    engine = make_engine(any_db_url)
+    envelope = Envelope(sa.MetaData())
+    envelope.metadata.create_all(engine)  # type: ignore[union-attr]
+    envelope.configure(kms=local_kms, engine=engine)
+    table, before = make_table(engine)
+    return envelope, engine, table, before
+
+
+def test_encrypt_then_decrypt_every_type_exactly(
+    setup: tuple[Envelope, sa.Engine, sa.Table, list[tuple[Any, ...]]],
+) -> None:
+    envelope, engine, table, before = setup
+    columns = [*plaintext_types(engine.dialect.name), "code"]
+    index = table.c.keys().index
+    for name in columns:
+        type_ = Encrypted(table.c[name].type, deterministic=name == "code")
+        report = encrypt_column(envelope, engine, "records", name, type_, batch_size=64)
+        # (JSON's None is stored as JSON null, not SQL NULL, so it counts as a row here.)
+        assert report.swapped and report.rows >= sum(
+            1 for r in before if r[index(name)] is not None
+        )
+        assert encrypt_column(envelope, engine, "records", name, type_).already_done
+
+    view = encrypted_view(table, envelope, columns)
+    assert read(engine, view) == before
+    for name in columns:
+        stored = raw(engine, name)
+        assert stored and all(wire.parse_header(v) is not None for v in stored)
+    assert not any(b"secret" in v for v in raw(engine, "s"))
+    assert verify(envelope, "records").ok
+    schema = {c["name"]: c for c in sa.inspect(engine).get_columns("records")}
+    assert not schema["code"]["nullable"] and schema["s"]["nullable"]
+    with engine.connect() as conn:  # the unique constraint came along (deterministic column)
+        code = conn.execute(sa.text("SELECT code FROM records WHERE id = 1")).scalar_one()
+        with pytest.raises(sa.exc.IntegrityError):
+            conn.execute(sa.text("UPDATE records SET code = :c WHERE id = 2"), {"c": code})
+
+    for name in columns:
+        report = decrypt_column(
+            envelope, engine, "records", name, table.c[name].type, batch_size=64
+        )
+        assert report.swapped
+        assert decrypt_column(envelope, engine, "records", name, table.c[name].type).already_done
+    assert read(engine, table) == before
+    with engine.connect() as conn:
+        with pytest.raises(sa.exc.IntegrityError):
+            conn.execute(sa.text("UPDATE records SET code = 'code-00001' WHERE id = 2"))
+
+
+def test_encrypt_column_resumes_after_an_interruption(
+    setup: tuple[Envelope, sa.Engine, sa.Table, list[tuple[Any, ...]]],
+) -> None:
+    envelope, engine, table, before = setup
+
+    def stop(done: int, total: int | None) -> None:
+        if done >= 100:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        encrypt_column(
+            envelope, engine, "records", "s", Encrypted(sa.String(40)), batch_size=50, progress=stop
+        )
+    with engine.connect() as conn:
+        half = conn.execute(sa.text("SELECT COUNT(s__envelope) FROM records")).scalar_one()
+    assert half == 100  # two committed batches
+    report = encrypt_column(
+        envelope, engine, "records", "s", Encrypted(sa.String(40)), batch_size=50
+    )
+    assert report.rows == len([r for r in before if r[2] is not None]) - 100 and report.swapped
+    assert read(engine, encrypted_view(table, envelope, ["s"])) == before
+
+    # Interrupted the other way: the plaintext shadow is dropped when encrypting again.
+    with pytest.raises(Interrupted):
+        decrypt_column(
+            envelope, engine, "records", "s", sa.String(40), batch_size=50, progress=stop
+        )
+    assert "s__envelope_plain" in {c["name"] for c in sa.inspect(engine).get_columns("records")}
+    assert encrypt_column(envelope, engine, "records", "s", Encrypted(sa.String(40))).already_done
+    assert "s__envelope_plain" not in {c["name"] for c in sa.inspect(engine).get_columns("records")}
+    assert read(engine, encrypted_view(table, envelope, ["s"])) == before
+
+
+def test_rows_inserted_during_the_fill_are_converted(
+    setup: tuple[Envelope, sa.Engine, sa.Table, list[tuple[Any, ...]]],
+) -> None:
+    envelope, engine, table, before = setup
+    late = {"id": ROWS + 1, "code": "late", "s": "written during the job"}
+
+    def insert_once(done: int, total: int | None) -> None:
+        if done == 50:
+            with engine.begin() as conn:
+                conn.execute(
+                    sa.text("INSERT INTO records (id, code, s) VALUES (:id, :code, :s)"), late
+                )
+
+    encrypt_column(
+        envelope,
+        engine,
+        "records",
+        "s",
+        Encrypted(sa.String(40)),
+        batch_size=50,
+        progress=insert_once,
+    )
+    view = encrypted_view(table, envelope, ["s"])
+    with engine.connect() as conn:
+        assert (
+            conn.execute(sa.select(view.c.s).where(view.c.id == ROWS + 1)).scalar_one() == late["s"]
+        )
+
+
+def test_misuse(setup: tuple[Envelope, sa.Engine, sa.Table, list[tuple[Any, ...]]]) -> None:
+    envelope, engine, _, _ = setup
+    with pytest.raises(TypeError, match="Encrypted"):
+        encrypt_column(envelope, engine, "records", "s", sa.String(40))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="plaintext type"):
+        decrypt_column(envelope, engine, "records", "s", Encrypted(sa.String(40)))
+    from sqlalchemy_envelope import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="no column"):
+        encrypt_column(envelope, engine, "records", "nope", Encrypted(sa.String(40)))
+
+
+# -- killed with SIGKILL at random moments, then finished -----------------------------------
+CHILD = textwrap.dedent(
+    """
+    import base64, logging, os, sys, time
+    import sqlalchemy as sa
+    from sqlalchemy_envelope import Encrypted, Envelope, LocalKms
+    from sqlalchemy_envelope.jobs import encrypt_column
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+    url, key = sys.argv[1], base64.b64decode(sys.argv[2])
+    envelope = Envelope()
+    engine = sa.create_engine(url)
+    envelope.configure(kms=LocalKms(key), engine=engine)
+    def slow(done, total):
+        print("progress", done, flush=True)
+        time.sleep(0.01)
+    for column in ("s", "j", "n"):
+        inner = {"s": sa.String(40), "j": sa.JSON(), "n": sa.Numeric(12, 4)}[column]
+        encrypt_column(envelope, engine, "records", column, Encrypted(inner), batch_size=20, progress=slow)
+    print("finished", flush=True)
+    """
+)
+
+
+@pytest.mark.postgres
+def test_sigkill_at_random_points_then_rerun(
+    pg_url: str, make_engine: Callable[..., sa.Engine], tmp_path: Path
+) -> None:
+    import base64
+
+    engine = make_engine(pg_url)
+    key = os.urandom(32)
+    envelope = Envelope(sa.MetaData())
+    envelope.metadata.create_all(engine)  # type: ignore[union-attr]
+    envelope.configure(kms=LocalKms(key), engine=engine)
+    table, before = make_table(engine)
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    rng = random.Random(1234)
+    kills = 0
+    for _ in range(6):
+        child = subprocess.Popen(
+            [sys.executable, str(script), pg_url, base64.b64encode(key).decode()],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        assert child.stdout is not None
+        lines = rng.randint(1, 25)  # kill after this many lines of progress or log
+        finished = False
+        for _ in range(lines):
+            line = child.stdout.readline()
+            if not line or line.startswith("finished"):
+                finished = True
+                break
+        time.sleep(rng.random() * 0.05)
+        if not finished:
+            os.kill(child.pid, signal.SIGKILL)
+            kills += 1
+        child.wait()
+        child.stdout.close()
+    assert kills >= 3
+    subprocess.run(
+        [sys.executable, str(script), pg_url, base64.b64encode(key).decode()],
+        check=True,
+        capture_output=True,
+    )
+    assert read(engine, encrypted_view(table, envelope, ["s", "j", "n"])) == before
+    assert verify(envelope, "records", columns=["s", "j", "n"]).ok
+    assert {c["name"] for c in sa.inspect(engine).get_columns("records")} == {
+        c.name for c in table.columns
+    }
