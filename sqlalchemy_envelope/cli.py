@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 try:
     import click
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 except ImportError as exc:  # pragma: no cover - exercised through a subprocess
     if exc.name not in ("click", "tqdm"):
         raise
@@ -164,14 +165,16 @@ class Settings:
     @contextmanager
     def progress_bar(self, what: str, unit: str) -> Iterator[ProgressFn]:
         """``progress(done, total)`` driving a tqdm bar on stderr (rate in ``unit``/s)."""
-        with tqdm(
-            desc=what,
-            unit=f" {unit}",
-            unit_scale=True,
-            disable=None if self.progress is None else not self.progress,
-            file=sys.stderr,
-            dynamic_ncols=True,
-        ) as bar:
+        with (
+            tqdm(
+                desc=what,
+                unit=f" {unit}",
+                disable=None if self.progress is None else not self.progress,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            ) as bar,
+            logging_redirect_tqdm(),  # -v log lines print above the bar, not through it
+        ):
 
             def progress(done: int, total: int | None) -> None:
                 if total is not None and bar.total != total:
@@ -494,7 +497,8 @@ def verify(ctx: click.Context, table: str, columns: tuple[str, ...], as_json: bo
         click.echo(json.dumps(summary))
     else:
         states = {k.id: k.state for k in envelope.keys(scope=None)}
-        click.echo(f"table {report.table}")
+        rows = getattr(report, "rows", None)
+        click.echo(f"table {report.table}" + (f" ({rows} rows)" if rows is not None else ""))
         for key_id, n in by_key.items():
             state = states.get(key_id, "not in keyring")
             click.echo(f"  key {key_id} ({state}): {n} values")
