@@ -203,8 +203,5 @@ class SharedJob:
     def _states(self) -> dict[int, str]:
         j = self.jobs.c
         with self.conn.begin():
-            return dict(
-                self.conn.execute(sa.select(j.chunk, j.state).where(j.job == self.job))
-                .tuples()
-                .all()
-            )
+            rows = self.conn.execute(sa.select(j.chunk, j.state).where(j.job == self.job))
+            return {chunk: state for chunk, state in rows}

@@ -148,9 +148,8 @@ def test_encrypt_then_decrypt_every_type_exactly(
         assert report.swapped
         assert decrypt_column(envelope, engine, "records", name, table.c[name].type).already_done
     assert read(engine, table) == before
-    with engine.connect() as conn:
-        with pytest.raises(sa.exc.IntegrityError):
-            conn.execute(sa.text("UPDATE records SET code = 'code-00001' WHERE id = 2"))
+    with engine.connect() as conn, pytest.raises(sa.exc.IntegrityError):
+        conn.execute(sa.text("UPDATE records SET code = 'code-00001' WHERE id = 2"))
 
 
 def test_encrypt_column_resumes_after_an_interruption(
@@ -189,7 +188,7 @@ def test_encrypt_column_resumes_after_an_interruption(
 def test_rows_inserted_during_the_fill_are_converted(
     setup: tuple[Envelope, sa.Engine, sa.Table, list[tuple[Any, ...]]],
 ) -> None:
-    envelope, engine, table, before = setup
+    envelope, engine, table, _ = setup
     late = {"id": ROWS + 1, "code": "late", "s": "written during the job"}
 
     def insert_once(done: int, total: int | None) -> None:
@@ -245,7 +244,8 @@ CHILD = textwrap.dedent(
         time.sleep(0.01)
     for column in ("s", "j", "n"):
         inner = {"s": sa.String(40), "j": sa.JSON(), "n": sa.Numeric(12, 4)}[column]
-        encrypt_column(envelope, engine, "records", column, Encrypted(inner), batch_size=20, progress=slow)
+        type_ = Encrypted(inner)
+        encrypt_column(envelope, engine, "records", column, type_, batch_size=20, progress=slow)
     print("finished", flush=True)
     """
 )
