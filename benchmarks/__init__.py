@@ -1,0 +1,1 @@
+"""Benchmarks for sqlalchemy-envelope: ``python benchmarks/run.py`` (docs/PERFORMANCE.md)."""
