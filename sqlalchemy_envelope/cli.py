@@ -109,6 +109,7 @@ class Settings:
     aws_endpoint_url: str | None
     keyring_table: str
     progress: bool | None
+    verbose: bool = False
 
     def provider(self, spec: KmsSpec, option: str) -> KeyProvider:
         try:
@@ -217,6 +218,17 @@ class _Group(click.Group):
             raise click.ClickException(f"no table named {exc.args[0]!r} in the database") from None
         except sa.exc.SQLAlchemyError as exc:
             raise click.ClickException(_db_error(exc)) from None
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            # A bug. Its message could carry anything, so the traceback only with -v.
+            settings = ctx.find_object(Settings)
+            if settings is not None and settings.verbose:
+                logging.getLogger("sqlalchemy_envelope").exception("unexpected error")
+            raise click.ClickException(
+                f"unexpected {type(exc).__name__}: this is a bug; rerun with -v for the "
+                "traceback and report it"
+            ) from None
 
 
 def _columns(values: Sequence[str]) -> list[str] | None:
@@ -280,7 +292,7 @@ def cli(
     )
     if not keyring_table.strip():
         raise click.BadParameter("must not be empty", param_hint="--keyring-table")
-    ctx.obj = Settings(url, kms, aws_endpoint_url or None, keyring_table, progress)
+    ctx.obj = Settings(url, kms, aws_endpoint_url or None, keyring_table, progress, verbose)
 
 
 @cli.group()

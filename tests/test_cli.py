@@ -146,8 +146,8 @@ def sqlite_db(sqlite_url: str, tmp_path: Path) -> Db:
     return populate(sqlite_url, tmp_path / "master.key")
 
 
-def keys_list_json(db: Db) -> list[dict[str, Any]]:
-    run = expect(db.cli("keys", "list", "--json", kms=None), 0)
+def keys_list_json(db: Db, *args: str) -> list[dict[str, Any]]:
+    run = expect(db.cli("keys", "list", "--json", *args, kms=None), 0)
     return [json.loads(line) for line in run.out.splitlines()]
 
 
@@ -253,7 +253,7 @@ def test_rewrap_local_to_local(sqlite_db: Db, tmp_path: Path) -> None:
     expect(
         db.cli("keys", "rewrap", "--to", f"local:{new_key}"), 0, f"re-wrapped {keys} data key(s)"
     )
-    assert {k["kms_key_id"] for k in keys_list_json(db)} == {fingerprint}
+    assert {k["kms_key_id"] for k in keys_list_json(db, "--scope", "patients")} == {fingerprint}
     expect(db.cli("verify", "patients", kms=f"local:{new_key}"), 0, "ok")
     assert db.read(LocalKms.from_file(new_key)) == expected_patients()
     # The old master key opens nothing any more.
@@ -328,8 +328,12 @@ def test_demo_keeps_files_the_cli_can_verify(tmp_path: Path) -> None:
     raw = run.out.split("What the database holds")[1].split("The keyring")[0]
     assert "Ada" not in raw and "078-05-1120" not in raw and "010100000001" in raw
 
-    url, kms = f"sqlite:///{workdir / 'demo.db'}", f"local:{workdir / 'master.key'}"
-    expect(cli("--url", url, "--kms", kms, "verify", "patients"), 0, "key 1 (retired)", "ok")
+    # The database and the KMS from the environment, as in the runbook.
+    env = {
+        "DATABASE_URL": f"sqlite:///{workdir / 'demo.db'}",
+        "SQLALCHEMY_ENVELOPE_KMS": f"local:{workdir / 'master.key'}",
+    }
+    expect(cli("verify", "patients", env=env), 0, "key 1 (retired)", "key 2 (active)", "ok")
     expect(cli("demo", "--dir", str(workdir)), 2, "exists already")
 
 
