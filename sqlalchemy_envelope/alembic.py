@@ -442,7 +442,9 @@ def _convert_type_change(context: MigrationContext, revision: Any, op: ops.Alter
         return op  # leave a combined change to the author
     if isinstance(new, Encrypted):
         return EncryptColumnOp(op.table_name, op.column_name, new, schema=op.schema)
-    return DecryptColumnOp(op.table_name, op.column_name, new, schema=op.schema)
+    # The inner type the values were encoded with, which is what the column held before.
+    plain = old.inner_type if isinstance(old, Encrypted) else new
+    return DecryptColumnOp(op.table_name, op.column_name, plain, schema=op.schema)
 
 
 def _other_changes(op: ops.AlterColumnOp) -> bool:
@@ -465,6 +467,16 @@ def _create_keyring(context: MigrationContext, revision: Any, op: ops.CreateTabl
     if envelope is not None and op.table_name == envelope.table.name:
         return CreateKeyringTableOp(_custom_name(op.table_name), schema=op.schema)
     return op
+
+
+@process_revision_directives.rewrites(ops.CreateIndexOp)
+def _keyring_index(context: MigrationContext, revision: Any, op: ops.CreateIndexOp) -> Any:
+    # create_keyring_table creates the keyring's indexes too.
+    envelope = _registered(context)
+    if envelope is None or op.table_name != envelope.table.name or context.connection is None:
+        return op
+    exists = sa.inspect(context.connection).has_table(op.table_name, schema=op.schema)
+    return op if exists else []
 
 
 @process_revision_directives.rewrites(ops.DropTableOp)

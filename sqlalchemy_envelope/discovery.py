@@ -74,15 +74,17 @@ def resolve(
         types = _declared_types(declared)
         if columns is not None:
             wanted = list(dict.fromkeys(columns))
-        elif types:
-            wanted = list(types)
         else:
-            wanted = [c for (t, c) in envelope.columns if t == name and c in reflected.c]
-        samples = {}
-        for column in wanted or _binary_columns(reflected):
+            declared_names = list(types) or [c for (t, c) in envelope.columns if t == name]
+            wanted = [c for c in declared_names if _stored_encrypted(reflected, name, c)]
+        for column in wanted:
             if column not in reflected.c:
                 raise ConfigurationError(f"table {name!r} has no column {column!r}")
-            samples[column] = _sample(conn, reflected, column)
+            if not isinstance(reflected.c[column].type, sa.types._Binary):
+                raise ConfigurationError(
+                    f"{name}.{column} is not a binary column, so it is not encrypted"
+                )
+        samples = {c: _sample(conn, reflected, c) for c in wanted or _binary_columns(reflected)}
     key_scopes = {row.id: row.scope for row in envelope.keyring().rows()}
     if not wanted:  # nothing declared: find the encrypted columns from their values
         wanted = [c for c, heads in samples.items() if _looks_encrypted(heads, key_scopes)]
@@ -93,10 +95,6 @@ def resolve(
         log.info("table %r: found encrypted columns %s from their values", name, ", ".join(wanted))
     crypters = {}
     for column in wanted:
-        if not isinstance(reflected.c[column].type, sa.types._Binary):
-            raise ConfigurationError(
-                f"{name}.{column} is not a binary column, so it is not encrypted"
-            )
         scope, deterministic = _mode(name, column, types, envelope, samples[column], key_scopes)
         crypters[column] = ColumnCrypter(
             envelope, name, column, scope=scope, deterministic=deterministic
@@ -131,6 +129,19 @@ def _declared_types(table: sa.Table | None) -> dict[str, Encrypted]:
     if table is None:
         return {}
     return {c.name: c.type for c in table.columns if isinstance(c.type, Encrypted)}
+
+
+def _stored_encrypted(table: sa.Table, name: str, column: str) -> bool:
+    if column not in table.c:
+        log.warning("%s.%s is declared encrypted but the table has no such column", name, column)
+        return False
+    if not isinstance(table.c[column].type, sa.types._Binary):
+        log.warning(
+            "%s.%s is declared encrypted but stored as %s: not encrypted yet (see encrypt_column)",
+            name, column, table.c[column].type,
+        )  # fmt: skip
+        return False
+    return True
 
 
 def _binary_columns(table: sa.Table) -> list[str]:

@@ -1,0 +1,303 @@
+"""The Alembic operations and autogenerate hooks, in process, on SQLite and Postgres."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import produce_migrations, render_python_code, renderers
+from alembic.autogenerate.api import AutogenContext
+from alembic.operations import Operations, ops
+from alembic.runtime.migration import MigrationContext
+
+import sqlalchemy_envelope.alembic as envelope_alembic
+from sqlalchemy_envelope import ConfigurationError, Encrypted, Envelope, LocalKms, wire
+from sqlalchemy_envelope.alembic import DecryptColumnOp, EncryptColumnOp
+
+
+def models(envelope_name: str = "envelope_data_keys") -> tuple[sa.MetaData, Envelope]:
+    metadata = sa.MetaData()
+    envelope = Envelope(metadata, table_name=envelope_name)
+    sa.Table(
+        "people",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("name", Encrypted(sa.String(80), envelope), nullable=False),
+        sa.Column("email", Encrypted(sa.String(120), envelope, deterministic=True), unique=True),
+        sa.Column("born", Encrypted(sa.Date, envelope, scope="dates")),
+        sa.Column("city", sa.String(50)),
+    )
+    return metadata, envelope
+
+
+@pytest.fixture
+def engine(db_url: str, make_engine: Callable[..., sa.Engine]) -> sa.Engine:
+    return make_engine(db_url)
+
+
+@pytest.fixture
+def migrate(engine: sa.Engine) -> Iterator[Callable[..., Operations]]:
+    """``migrate(target_metadata)`` -> ``op`` inside a migration transaction."""
+    connections: list[sa.Connection] = []
+
+    def make(target: Any = None) -> Operations:
+        conn = engine.connect()
+        connections.append(conn)
+        context = MigrationContext.configure(conn, opts={"target_metadata": target})
+        return Operations(context)
+
+    yield make
+    for conn in connections:
+        if conn.in_transaction():
+            conn.commit()
+        conn.close()
+
+
+def create_plain_people(op: Operations) -> None:
+    op.create_table(
+        "people",
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("name", sa.String(80), nullable=False),
+        sa.Column("email", sa.String(120)),
+        sa.Column("born", sa.Date),
+        sa.Column("city", sa.String(50)),
+        sa.UniqueConstraint("email", name="uq_people_email"),
+    )
+
+
+def insert_people(engine: sa.Engine, n: int = 120) -> list[tuple[Any, ...]]:
+    import datetime as dt
+
+    rows = [
+        {
+            "id": i,
+            "name": f"Person {i}",
+            "email": f"p{i}@example.org",
+            "born": dt.date(1980, 1, 1) + dt.timedelta(days=i) if i % 5 else None,
+            "city": "Lyon",
+        }
+        for i in range(1, n + 1)
+    ]
+    with engine.begin() as conn:
+        conn.execute(sa.table("people", *(sa.column(k) for k in rows[0])).insert(), rows)
+    return [tuple(r.values()) for r in rows]
+
+
+def in_order(table: sa.Table) -> sa.Select[Any]:
+    """The columns in their original order (a conversion moves its column to the end)."""
+    names = ("id", "name", "email", "born", "city")
+    return sa.select(*(table.c[n] for n in names)).order_by(table.c.id)
+
+
+def test_operations_find_the_envelope_in_target_metadata(
+    engine: sa.Engine, migrate: Callable[..., Operations], local_kms: LocalKms
+) -> None:
+    metadata, envelope = models()
+    envelope.configure(kms=local_kms, engine=engine)
+    op = migrate(metadata)
+    with op.get_context().begin_transaction():
+        op.create_keyring_table()
+        create_plain_people(op)
+    expected = insert_people(engine)
+
+    op = migrate(metadata)
+    with op.get_context().begin_transaction():
+        # Encrypted(...) without an envelope, as in a migration file.
+        op.encrypt_column("people", "name", Encrypted(sa.String(80)), batch_size=50)
+        op.encrypt_column(
+            "people", "email", Encrypted(sa.String(120), deterministic=True), batch_size=50
+        )
+        op.encrypt_column("people", "born", Encrypted(sa.Date, scope="dates"), batch_size=50)
+    people = metadata.tables["people"]
+    with engine.connect() as conn:
+        assert [tuple(r) for r in conn.execute(sa.select(people).order_by(people.c.id))] == expected
+        found = conn.execute(
+            sa.select(people.c.id).where(people.c.email == "p7@example.org")
+        ).scalar_one()
+        assert found == 7
+    assert {k.scope for k in envelope.keys()} == {"people", "dates"}
+
+    new = envelope.rotate("people")
+    op = migrate(metadata)
+    with op.get_context().begin_transaction():
+        op.reencrypt_column("people", "name", batch_size=50)
+    with engine.connect() as conn:
+        names = [bytes(v) for (v,) in conn.execute(sa.text("SELECT name FROM people"))]
+        emails = [bytes(v) for (v,) in conn.execute(sa.text("SELECT email FROM people"))]
+    assert {wire.key_id_of(v) for v in names} == {new}
+    assert new not in {wire.key_id_of(v) for v in emails}  # only the named column moved
+
+    op = migrate(metadata)
+    with op.get_context().begin_transaction():
+        for name, type_ in (
+            ("name", sa.String(80)),
+            ("email", sa.String(120)),
+            ("born", sa.Date()),
+        ):
+            op.decrypt_column("people", name, type_, batch_size=50)
+    plain = sa.Table("people", sa.MetaData(), autoload_with=engine)
+    with engine.connect() as conn:
+        assert [tuple(r) for r in conn.execute(in_order(plain))] == expected
+    op = migrate(metadata)
+    with op.get_context().begin_transaction():
+        op.drop_table("people")
+        op.drop_keyring_table()
+    assert sa.inspect(engine).get_table_names() == []
+
+
+def test_explicit_envelope_and_missing_envelope(
+    engine: sa.Engine, migrate: Callable[..., Operations], local_kms: LocalKms
+) -> None:
+    _, envelope = models("custom_keys")
+    envelope.configure(kms=local_kms, engine=engine)
+    op = migrate(None)
+    with op.get_context().begin_transaction():
+        op.create_keyring_table(envelope=envelope)
+        create_plain_people(op)
+    insert_people(engine, 10)
+    assert "custom_keys" in sa.inspect(engine).get_table_names()
+    op = migrate(sa.MetaData())
+    with pytest.raises(ConfigurationError, match="target_metadata"):
+        op.encrypt_column("people", "name", Encrypted(sa.String(80)))
+    op.encrypt_column("people", "name", Encrypted(sa.String(80)), envelope=envelope)
+    assert verify_ok(envelope, engine)
+
+
+def verify_ok(envelope: Envelope, engine: sa.Engine) -> bool:
+    from sqlalchemy_envelope.jobs import verify
+
+    return verify(envelope, "people", bind=engine).ok
+
+
+def test_offline_mode_renders_ddl_and_refuses_batch_jobs() -> None:
+    metadata, _ = models()
+    buffer = io.StringIO()
+    context = MigrationContext.configure(
+        dialect_name="postgresql",
+        opts={"as_sql": True, "output_buffer": buffer, "target_metadata": metadata},
+    )
+    op = Operations(context)
+    op.create_keyring_table()
+    assert "CREATE TABLE envelope_data_keys" in buffer.getvalue()
+    op.drop_keyring_table()
+    assert "DROP TABLE envelope_data_keys" in buffer.getvalue()
+    for call in (
+        lambda: op.encrypt_column("people", "name", Encrypted(sa.String(80))),
+        lambda: op.decrypt_column("people", "name", sa.String(80)),
+        lambda: op.reencrypt_column("people", "name"),
+    ):
+        with pytest.raises(ConfigurationError, match=r"offline \(--sql\) mode"):
+            call()
+
+
+def test_reverse_operations() -> None:
+    encrypt = EncryptColumnOp("people", "name", Encrypted(sa.String(80)), batch_size=10)
+    decrypt = encrypt.reverse()
+    assert isinstance(decrypt, DecryptColumnOp)
+    assert (decrypt.table_name, decrypt.column_name, decrypt.batch_size) == ("people", "name", 10)
+    assert isinstance(decrypt.type_, sa.String) and decrypt.type_.length == 80
+    create = envelope_alembic.CreateKeyringTableOp("k")
+    assert isinstance(create.reverse(), envelope_alembic.DropKeyringTableOp)
+    assert create.reverse().reverse().table_name == "k"
+
+
+def rendered_imports(context: MigrationContext, upgrade_ops: ops.UpgradeOps) -> set[str]:
+    """The import lines autogenerate would add to the migration file."""
+    autogen = AutogenContext(
+        context,
+        opts={
+            "render_item": envelope_alembic.render_item,
+            "sqlalchemy_module_prefix": "sa.",
+            "alembic_module_prefix": "op.",
+            "user_module_prefix": None,
+        },
+    )
+    for op in upgrade_ops.ops:
+        renderers.dispatch(op)(autogen, op)
+    return set(autogen.imports)
+
+
+def run(body: str, namespace: dict[str, Any]) -> None:
+    """Run a rendered migration body as the ``upgrade()`` of a migration file would."""
+    exec(f"def migration():\n    {body}\n", namespace)
+    namespace["migration"]()
+
+
+def test_autogenerate_renders_encrypted_columns_that_run(
+    engine: sa.Engine, migrate: Callable[..., Operations], local_kms: LocalKms
+) -> None:
+    metadata, envelope = models()
+    with engine.connect() as conn:
+        context = MigrationContext.configure(
+            conn,
+            opts={
+                "target_metadata": metadata,
+                "render_item": envelope_alembic.render_item,
+                "process_revision_directives": envelope_alembic.process_revision_directives,
+            },
+        )
+        script = produce_migrations(context, metadata)
+        # What `alembic revision --autogenerate` does with the hook, and then renders.
+        envelope_alembic.process_revision_directives(context, ("head",), [script])
+        upgrade = render_python_code(script.upgrade_ops, render_item=envelope_alembic.render_item)
+        imports = rendered_imports(context, script.upgrade_ops)
+    assert "op.create_keyring_table()" in upgrade
+    assert "sqlalchemy_envelope.Encrypted(sa.String(length=120), deterministic=True)" in upgrade
+    assert "sqlalchemy_envelope.Encrypted(sa.Date(), scope='dates')" in upgrade
+    assert {"import sqlalchemy_envelope", "import sqlalchemy_envelope.alembic"} <= imports
+
+    op = migrate(metadata)
+    namespace: dict[str, Any] = {"op": op, "sa": sa}
+    exec("\n".join(sorted(imports)), namespace)  # the migration file's import lines
+    with op.get_context().begin_transaction():
+        run(upgrade, namespace)  # NameError without the import
+    envelope.configure(kms=local_kms, engine=engine)
+    people = metadata.tables["people"]
+    with engine.begin() as conn:
+        conn.execute(people.insert().values(id=1, name="Ann", email="ann@example.org"))
+        assert conn.execute(sa.select(people.c.name)).scalar_one() == "Ann"
+        assert b"Ann" not in bytes(conn.execute(sa.text("SELECT name FROM people")).scalar_one())
+
+
+def test_autogenerate_turns_a_type_change_into_encrypt_column(
+    engine: sa.Engine, migrate: Callable[..., Operations], local_kms: LocalKms
+) -> None:
+    metadata, envelope = models()
+    envelope.configure(kms=local_kms, engine=engine)
+    op = migrate(metadata)
+    with op.get_context().begin_transaction():
+        op.create_keyring_table()
+        create_plain_people(op)
+    expected = insert_people(engine, 30)
+    with engine.connect() as conn:
+        context = MigrationContext.configure(
+            conn, opts={"target_metadata": metadata, "compare_type": True}
+        )
+        script = produce_migrations(context, metadata)
+        envelope_alembic.process_revision_directives(context, ("head",), [script])
+        upgrade = render_python_code(script.upgrade_ops, render_item=envelope_alembic.render_item)
+        downgrade = render_python_code(
+            script.downgrade_ops, render_item=envelope_alembic.render_item
+        )
+        imports = rendered_imports(context, script.upgrade_ops)
+    upgrade_ops = [o for o in script.upgrade_ops.ops[0].ops]  # type: ignore[attr-defined]
+    assert sorted(type(o).__name__ for o in upgrade_ops) == ["EncryptColumnOp"] * 3
+    encrypted = "sqlalchemy_envelope.Encrypted(sa.String(length=120), deterministic=True)"
+    assert f"op.encrypt_column('people', 'email', {encrypted})" in upgrade
+    assert "op.decrypt_column('people', 'name', sa.String(length=80))" in downgrade
+    assert not any(isinstance(o, ops.AlterColumnOp) for o in upgrade_ops)
+
+    namespace: dict[str, Any] = {"op": migrate(metadata), "sa": sa}
+    exec("\n".join(sorted(imports)), namespace)
+    run(upgrade, namespace)
+    people = metadata.tables["people"]
+    with engine.connect() as conn:
+        assert [tuple(r) for r in conn.execute(sa.select(people).order_by(people.c.id))] == expected
+    namespace["op"] = migrate(metadata)
+    run(downgrade, namespace)
+    plain = sa.Table("people", sa.MetaData(), autoload_with=engine)
+    with engine.connect() as conn:
+        assert [tuple(r) for r in conn.execute(in_order(plain))] == expected
