@@ -42,9 +42,6 @@ from .kms.base import KeyProvider
 
 ProgressFn = Callable[[int, int | None], None]
 
-_INSTALL_AWS = "pip install 'sqlalchemy-envelope[aws]'"
-
-
 # -- --kms specs ----------------------------------------------------------------------
 
 
@@ -284,12 +281,14 @@ def cli(
     progress: bool | None,
     verbose: bool,
 ) -> None:
-    """Manage the data keys and encrypted tables of sqlalchemy-envelope."""
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        stream=sys.stderr,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    """Manage the data keys and encrypted tables of sqlalchemy-envelope.
+
+    Exit codes: 0 success, 1 failure or (verify) problems found, 2 usage error.
+    The runbook for each task is docs/KEY_MANAGEMENT.md.
+    """
+    logging.basicConfig(stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    if verbose:  # ours only: botocore and the database drivers stay at WARNING
+        logging.getLogger("sqlalchemy_envelope").setLevel(logging.INFO)
     if not keyring_table.strip():
         raise click.BadParameter("must not be empty", param_hint="--keyring-table")
     ctx.obj = Settings(url, kms, aws_endpoint_url or None, keyring_table, progress, verbose)
@@ -333,7 +332,7 @@ def keys_list(ctx: click.Context, scope: str | None, as_json: bool) -> None:
         )
 
 
-@keys.command("generate-master-key")
+@keys.command("generate-master-key", short_help="Write a new local master key file.")
 @click.argument("path", type=click.Path(dir_okay=False))
 def keys_generate_master_key(path: str) -> None:
     """Write a new local master key to PATH (mode 0600); never overwrites a file.
@@ -350,7 +349,7 @@ def keys_generate_master_key(path: str) -> None:
     click.echo("back it up: values under data keys it wraps cannot be read without it")
 
 
-@keys.command("rotate")
+@keys.command("rotate", short_help="New active data key for SCOPE.")
 @click.argument("scope")
 @click.pass_context
 def keys_rotate(ctx: click.Context, scope: str) -> None:
@@ -363,7 +362,7 @@ def keys_rotate(ctx: click.Context, scope: str) -> None:
     click.echo("older values stay readable under their keys; `reencrypt TABLE` moves them to it")
 
 
-@keys.command("rewrap")
+@keys.command("rewrap", short_help="Re-wrap every data key under another KMS key.")
 @click.option(
     "--to",
     "to",
@@ -416,7 +415,7 @@ def keys_destroy(ctx: click.Context, key_id: int, force: bool) -> None:
         click.echo(f"  {n} value(s) in {table}.{column} are now unreadable", err=True)
 
 
-@cli.command()
+@cli.command(short_help="Move TABLE's values to their scope's active key.")
 @click.argument("table")
 @click.option(
     "--batch-size",
@@ -471,7 +470,7 @@ def reencrypt(ctx: click.Context, table: str, batch_size: int, columns: tuple[st
         )
 
 
-@cli.command()
+@cli.command(short_help="Count TABLE's values per key; find plaintext, unreadable ones.")
 @click.argument("table")
 @click.option(
     "--column",
@@ -542,7 +541,7 @@ def _column_counts(report: Any) -> dict[str, dict[str, int]]:
     }
 
 
-@cli.command()
+@cli.command(short_help="Run the quickstart on a throw-away SQLite file.")
 @click.option(
     "--dir",
     "directory",
