@@ -190,7 +190,9 @@ def codec_for(inner: sa.types.TypeEngine[Any], dialect: Dialect | None = None) -
         return _interval()
     if isinstance(inner, sa.types.TypeDecorator):
         if type(inner).process_bind_param is sa.types.TypeDecorator.process_bind_param:
-            raise TypeError(f"{type(inner).__name__} cannot be encrypted: supported are {SUPPORTED}")
+            raise TypeError(
+                f"{type(inner).__name__} cannot be encrypted: supported are {SUPPORTED}"
+            )
         return _decorated(inner, dialect)
     if isinstance(inner, sa.String):
         return _text()

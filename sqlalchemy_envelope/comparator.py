@@ -84,7 +84,9 @@ class EncryptedComparator(TypeDecorator.Comparator[Any]):
 
 def _plain_values(name: str, op: Any, other: Any) -> Sequence[Any]:
     values = other if op in (operators.in_op, operators.not_in_op) else [other]
-    if isinstance(values, (ColumnElement, sa.sql.Select)) or not isinstance(values, (list, tuple, set, frozenset)):
+    if isinstance(values, (ColumnElement, sa.sql.Select)) or not isinstance(
+        values, (list, tuple, set, frozenset)
+    ):
         raise EncryptedComparisonError(
             f"{name} can only be compared with Python values, not with SQL expressions "
             "(each column encrypts under its own sub-key)"

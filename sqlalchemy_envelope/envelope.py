@@ -9,16 +9,17 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import events, lifecycle
 from .cache import Stats
 from .errors import ConfigurationError
-from .keyring import Keyring, keyring_table
+from .keyring import Keyring, keyring_table, sync_engine
 from .keys import KeyManager
 from .kms.base import KeyProvider
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
     from .crypter import ColumnCrypter
     from .lifecycle import KeyInfo
 
@@ -47,16 +48,28 @@ class Envelope:
         keyring_refresh: float = 1.0,
     ) -> None:
         if metadata is not None and not isinstance(metadata, sa.MetaData):
-            raise TypeError(f"metadata must be a sqlalchemy MetaData, not {type(metadata).__name__}")
+            raise TypeError(
+                f"metadata must be a sqlalchemy MetaData, not {type(metadata).__name__}"
+            )
         if not isinstance(table_name, str) or not table_name:
             raise ValueError("table_name must be a non-empty string")
         for name, value in (("cache_ttl", cache_ttl), ("keyring_refresh", keyring_refresh)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not 0 < value < float("inf")
+            ):
                 raise ValueError(f"{name} must be a positive, finite number of seconds")
-        if isinstance(cache_capacity, bool) or not isinstance(cache_capacity, int) or cache_capacity < 1:
+        if (
+            isinstance(cache_capacity, bool)
+            or not isinstance(cache_capacity, int)
+            or cache_capacity < 1
+        ):
             raise ValueError("cache_capacity must be a positive integer")
         if metadata is not None and METADATA_KEY in metadata.info:
-            raise ConfigurationError("this MetaData already has an Envelope; create one per application")
+            raise ConfigurationError(
+                "this MetaData already has an Envelope; create one per application"
+            )
         self.metadata = metadata
         self.table = keyring_table(metadata if metadata is not None else sa.MetaData(), table_name)
         if metadata is not None:
@@ -84,9 +97,10 @@ class Envelope:
     def configure(self, *, kms: KeyProvider | None, engine: Engine | AsyncEngine) -> None:
         """Set the KMS and the engine the keyring table lives on (sync or asyncio)."""
         if kms is not None and not isinstance(kms, KeyProvider):
-            raise TypeError(f"kms must be a KMS provider such as AwsKms or LocalKms, not {type(kms).__name__}")
-        if not isinstance(engine, (Engine, AsyncEngine)):
-            raise TypeError(f"engine must be a sqlalchemy Engine or AsyncEngine, not {type(engine).__name__}")
+            raise TypeError(
+                f"kms must be a KMS provider such as AwsKms or LocalKms, not {type(kms).__name__}"
+            )
+        sync_engine(engine)  # TypeError for anything else
         with self._lock:
             self._keyring = Keyring(self.table, engine)
             self._manager = (
@@ -126,7 +140,9 @@ class Envelope:
         manager = self._manager
         if manager is None:
             self.keyring()
-            raise ConfigurationError("the envelope has no KMS: call envelope.configure(kms=..., engine=...)")
+            raise ConfigurationError(
+                "the envelope has no KMS: call envelope.configure(kms=..., engine=...)"
+            )
         return manager
 
     def _subscribe(self, crypter: ColumnCrypter) -> None:
@@ -143,7 +159,9 @@ class Envelope:
         """A new active data key for ``scope``; older keys stay readable. Returns its id."""
         return lifecycle.rotate(self, scope)
 
-    def rewrap(self, kms: KeyProvider, *, progress: Callable[[int, int | None], None] | None = None) -> int:
+    def rewrap(
+        self, kms: KeyProvider, *, progress: Callable[[int, int | None], None] | None = None
+    ) -> int:
         """Re-wrap every stored data key under ``kms``; afterwards the envelope uses it."""
         return lifecycle.rewrap(self, kms, progress=progress)
 

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 import weakref
@@ -60,10 +61,9 @@ def _prepare_sqlite_scopes(conn: Any) -> None:
         return
     for manager in list(_sqlite_managers):
         if manager.keyring.engine is conn.engine:
-            try:
+            # No keyring table yet (create_all is running): the next transaction retries.
+            with contextlib.suppress(sa.exc.OperationalError):
                 manager.prepare_scopes()
-            except sa.exc.OperationalError:
-                pass  # no keyring table yet (create_all is running): the next transaction retries
 
 
 def _redact_parameters(context: ExceptionContext) -> BaseException | None:

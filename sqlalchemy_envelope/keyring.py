@@ -17,11 +17,13 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.ext.asyncio import AsyncEngine
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 ACTIVE, RETIRED, DESTROYED = "active", "retired", "destroyed"
 
@@ -31,6 +33,8 @@ _own_io = threading.local()
 def in_keyring_io() -> bool:
     """Whether this thread is inside one of the keyring's own connections."""
     return bool(getattr(_own_io, "depth", 0))
+
+
 STATES = (ACTIVE, RETIRED, DESTROYED)
 
 
@@ -72,6 +76,20 @@ class KeyRow:
     wrapped_key: bytes | None = field(default=None, repr=False)
 
 
+def sync_engine(engine: Any) -> Engine:
+    """The ``Engine`` itself, or the one behind an ``AsyncEngine``; TypeError otherwise.
+
+    (Checked by attribute, so that importing this library does not import
+    SQLAlchemy's asyncio extension and, with it, the ORM.)
+    """
+    inner = getattr(engine, "sync_engine", engine)
+    if not isinstance(inner, Engine):
+        raise TypeError(
+            f"engine must be a sqlalchemy Engine or AsyncEngine, not {type(engine).__name__}"
+        )
+    return inner
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
@@ -83,7 +101,7 @@ class Keyring:
         self.table = table
         # Under asyncio the synchronous facade is driven from SQLAlchemy's
         # greenlet, so keyring I/O yields to the event loop like any statement.
-        self.engine: Engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+        self.engine: Engine = sync_engine(engine)
 
     def __repr__(self) -> str:
         return f"Keyring(table={self.table.name!r}, engine={self.engine.url!r})"
@@ -105,7 +123,9 @@ class Keyring:
 
     def _select(self) -> sa.Select[Any]:
         t = self.table
-        return sa.select(t.c.id, t.c.scope, t.c.state, t.c.kms_key_id, t.c.created_at, t.c.wrapped_key)
+        return sa.select(
+            t.c.id, t.c.scope, t.c.state, t.c.kms_key_id, t.c.created_at, t.c.wrapped_key
+        )
 
     @staticmethod
     def _row(row: Any) -> KeyRow:
@@ -154,7 +174,9 @@ class Keyring:
         except sa.exc.IntegrityError:
             return None
 
-    def replace_active(self, scope: str, wrapped: bytes, kms_key_id: str) -> tuple[KeyRow, int | None]:
+    def replace_active(
+        self, scope: str, wrapped: bytes, kms_key_id: str
+    ) -> tuple[KeyRow, int | None]:
         """Retire the scope's active key (if any) and insert a new one, atomically."""
         t = self.table
         with self.begin() as conn:
@@ -169,7 +191,9 @@ class Keyring:
                 )
             return self._insert_active(conn, scope, wrapped, kms_key_id), old
 
-    def _insert_active(self, conn: Connection, scope: str, wrapped: bytes, kms_key_id: str) -> KeyRow:
+    def _insert_active(
+        self, conn: Connection, scope: str, wrapped: bytes, kms_key_id: str
+    ) -> KeyRow:
         created = _now()
         result = conn.execute(
             self.table.insert().values(

@@ -58,11 +58,16 @@ def rotate(envelope: Envelope, scope: str) -> int:
 
 
 def rewrap(
-    envelope: Envelope, kms: KeyProvider, *, progress: Callable[[int, int | None], None] | None = None
+    envelope: Envelope,
+    kms: KeyProvider,
+    *,
+    progress: Callable[[int, int | None], None] | None = None,
 ) -> int:
     """Re-wrap every live data key under ``kms``; resumable (keys already there are skipped)."""
     if not isinstance(kms, KeyProvider):
-        raise TypeError(f"kms must be a KMS provider such as AwsKms or LocalKms, not {type(kms).__name__}")
+        raise TypeError(
+            f"kms must be a KMS provider such as AwsKms or LocalKms, not {type(kms).__name__}"
+        )
     manager = envelope._keys()
     rows = [r for r in manager.keyring.rows() if r.wrapped_key is not None]
     moved = 0
@@ -70,15 +75,26 @@ def rewrap(
         assert row.wrapped_key is not None
         if not manager.call_kms(kms.owns, row.kms_key_id):
             wrapped, kms_key_id = manager.call_kms(
-                kms.rewrap_from, manager.kms, row.wrapped_key, scope_context(row.scope), row.kms_key_id
+                kms.rewrap_from,
+                manager.kms,
+                row.wrapped_key,
+                scope_context(row.scope),
+                row.kms_key_id,
             )
             if manager.keyring.set_wrapped(row.id, wrapped, kms_key_id, expect=row.wrapped_key):
                 moved += 1
-                log.info("re-wrapped data key %d of scope %r under %s", row.id, row.scope, kms_key_id)
+                log.info(
+                    "re-wrapped data key %d of scope %r under %s", row.id, row.scope, kms_key_id
+                )
         if progress is not None:
             progress(done, len(rows))
     envelope.configure(kms=kms, engine=manager.keyring.engine)
-    log.info("re-wrap finished: %d of %d data keys moved; the envelope now uses %r", moved, len(rows), kms)
+    log.info(
+        "re-wrap finished: %d of %d data keys moved; the envelope now uses %r",
+        moved,
+        len(rows),
+        kms,
+    )
     return moved
 
 

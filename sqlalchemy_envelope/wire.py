@@ -65,7 +65,9 @@ def associated_data(head: bytes, table: str, column: str) -> bytes:
 
 def subkey_info(algorithm: int, key_id: int, table: str, column: str) -> bytes:
     """HKDF ``info`` for a column's sub-key: one sub-key per data key, algorithm and column."""
-    return associated_data(b"sqlalchemy-envelope/v1/column-key" + header(algorithm, key_id), table, column)
+    return associated_data(
+        b"sqlalchemy-envelope/v1/column-key" + header(algorithm, key_id), table, column
+    )
 
 
 def key_id_of(value: bytes) -> int | None:
