@@ -55,6 +55,7 @@ from . import jobs
 from .column import Encrypted
 from .envelope import METADATA_KEY, Envelope
 from .errors import ConfigurationError
+from .inplace import jobs_table_name
 from .keyring import keyring_table
 
 __all__ = [
@@ -429,7 +430,9 @@ Autogenerate sees a plaintext column that the models now declare
 ``Encrypted`` as a type change; this turns it into ``op.encrypt_column`` (and
 the downgrade's into ``op.decrypt_column``), and the keyring table's
 ``create_table`` / ``drop_table`` into ``op.create_keyring_table()`` /
-``op.drop_keyring_table()``. Chain it with other rewriters via ``.chain()``.
+``op.drop_keyring_table()``; it leaves out the batch jobs' own table
+(``<keyring table>_jobs``), which distributed jobs create on demand. Chain it
+with other rewriters via ``.chain()``.
 """
 
 
@@ -484,6 +487,8 @@ def _drop_keyring(context: MigrationContext, revision: Any, op: ops.DropTableOp)
     envelope = _registered(context)
     if envelope is not None and op.table_name == envelope.table.name:
         return DropKeyringTableOp(_custom_name(op.table_name), schema=op.schema)
+    if envelope is not None and op.table_name == jobs_table_name(envelope):
+        return []  # the batch jobs' own table, created on demand: not the models' business
     return op
 
 

@@ -146,6 +146,11 @@ def reencrypt_column(
     )  # fmt: skip
 
 
+def jobs_table_name(envelope: Envelope) -> str:
+    """The table where distributed jobs claim their ranges (created on first use)."""
+    return f"{envelope.table.name}_jobs"
+
+
 def _warm(bound: Encrypted) -> None:
     # Load the active key outside the batch's transaction (see batches.walk).
     bound.crypter().for_writing()
@@ -264,7 +269,7 @@ class _Conversion:
                     report.swapped = True
 
             if distributed:
-                jobs = jobs_table(f"{envelope.table.name}_jobs", self.schema)
+                jobs = jobs_table(jobs_table_name(envelope), self.schema)
                 shared = SharedJob(
                     conn,
                     jobs,

@@ -25,7 +25,7 @@ from .claims import SharedJob, jobs_table
 from .crypter import Cipher
 from .discovery import Target, resolve
 from .errors import DecryptionError, KeyDestroyedError, KeyNotFoundError
-from .inplace import decrypt_column, encrypt_column, reencrypt_column
+from .inplace import decrypt_column, encrypt_column, jobs_table_name, reencrypt_column
 from .reports import (
     KEY_DESTROYED,
     KEY_NOT_FOUND,
@@ -118,7 +118,7 @@ def reencrypt(
             job = f"reencrypt {target.name}({','.join(target.crypters)})"
             shared = SharedJob(
                 conn,
-                jobs_table(f"{envelope.table.name}_jobs", target.table.schema),
+                jobs_table(jobs_table_name(envelope), target.table.schema),
                 job,
                 chunk_rows=chunk_rows or 10 * batch_size,
                 lease=lease,

@@ -301,3 +301,20 @@ def test_autogenerate_turns_a_type_change_into_encrypt_column(
     plain = sa.Table("people", sa.MetaData(), autoload_with=engine)
     with engine.connect() as conn:
         assert [tuple(r) for r in conn.execute(in_order(plain))] == expected
+
+
+def test_autogenerate_leaves_the_jobs_table_alone(engine: sa.Engine, local_kms: LocalKms) -> None:
+    from sqlalchemy_envelope.jobs import reencrypt
+
+    metadata, envelope = models()
+    metadata.create_all(engine)
+    envelope.configure(kms=local_kms, engine=engine)
+    with engine.begin() as conn:
+        conn.execute(metadata.tables["people"].insert().values(id=1, name="Ann"))
+    reencrypt(envelope, "people", distributed=True)
+    assert "envelope_data_keys_jobs" in sa.inspect(engine).get_table_names()
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"target_metadata": metadata})
+        script = produce_migrations(context, metadata)
+        envelope_alembic.process_revision_directives(context, ("head",), [script])
+    assert script.upgrade_ops is not None and script.upgrade_ops.is_empty()
