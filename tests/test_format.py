@@ -111,7 +111,6 @@ def vector_keyring(
     ]
     engine = make_engine(sqlite_url)
     metadata.create_all(engine)
-    envelope.configure(kms=local_kms, engine=engine)
     seen: set[int] = set()
     with engine.begin() as conn:
         for v in VECTORS["values"]:
@@ -133,6 +132,9 @@ def vector_keyring(
                     created_at=dt.datetime.now(dt.timezone.utc),
                 )
             )
+    # Configured after the rows exist: on SQLite the first transaction of a configured
+    # envelope creates the first key of every declared scope.
+    envelope.configure(kms=local_kms, engine=engine)
     return envelope, engine, tables[0]
 
 
