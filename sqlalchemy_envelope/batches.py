@@ -13,6 +13,8 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import json
+import logging
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -23,7 +25,10 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.elements import ColumnElement
 
 Key = tuple[Any, ...]
+LOG_EVERY = 10.0  # seconds between INFO progress lines
 Progress = Callable[[int, "int | None"], None]
+
+log = logging.getLogger("sqlalchemy_envelope")
 
 
 def check_batch_size(batch_size: int) -> int:
@@ -162,6 +167,23 @@ def boundaries(
             return
         last = tuple(row)
         yield last
+
+
+class Ticker:
+    """INFO progress lines, at most one every ``LOG_EVERY`` seconds."""
+
+    def __init__(self, job: str, table: str, total: int | None) -> None:
+        self.job, self.table, self.total = job, table, total
+        self.started = self.last = time.monotonic()
+
+    def tick(self, done: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= LOG_EVERY:
+            self.last = now
+            rate = done / max(now - self.started, 1e-9)
+            log.info(
+                "%s %s: %d of %s rows (%.0f rows/s)", self.job, self.table, done, self.total, rate
+            )
 
 
 # -- keys as text (for the claims table) -----------------------------------------------

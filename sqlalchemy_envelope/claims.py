@@ -24,12 +24,15 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from .batches import Key, boundaries, dump_key, load_key
+
+if TYPE_CHECKING:
+    from .envelope import Envelope
 
 log = logging.getLogger("sqlalchemy_envelope")
 
@@ -54,6 +57,11 @@ def jobs_table(name: str, schema: str | None = None) -> sa.Table:
         schema=schema,
         comment="sqlalchemy-envelope batch job ranges (safe to drop when no job runs)",
     )
+
+
+def jobs_table_name(envelope: Envelope) -> str:
+    """The table where distributed jobs claim their ranges (created on first use)."""
+    return f"{envelope.table.name}_jobs"
 
 
 def _now_ms() -> int:

@@ -1,59 +1,27 @@
 """Convert a column in place: plaintext to encrypted (``encrypt_column``) and back.
 
-The column is never altered while it holds data. A shadow column is added
-beside it, filled in batches (one transaction each, in primary-key order) by
-reading every value through its *application* type (so a Decimal keeps its
-digits, a date stays a date, JSON stays JSON) and writing it through the
-target type, then swapped in (:mod:`sqlalchemy_envelope.swap`). The shadow is
-named after the direction, ``<column>__envelope`` when encrypting and
-``<column>__envelope_plain`` when decrypting, so the state of an interrupted
-run can be read from the schema alone:
-
-========================  ==================================================
-column, no shadow         not started, or finished (told apart by the values)
-column and shadow         filling: rows whose shadow is NULL still need it
-========================  ==================================================
-
-A rerun picks up from there. The source is always the original column, so a
-value is never encrypted twice, and the column is dropped only in the same
-atomic step that puts the complete shadow in its place.
+Both read every value through the column's *application* type (so a Decimal
+keeps its digits, a date stays a date, JSON stays JSON) and write it through
+the target type, into a shadow column that is swapped in at the end; see
+:mod:`sqlalchemy_envelope.conversion` for how an interrupted run resumes.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
-from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.schema import CreateColumn
 
-from . import wire
-from .batches import (
-    Key,
-    Progress,
-    check_batch_size,
-    connect,
-    count,
-    execute_counted,
-    primary_key,
-    walk,
-)
-from .claims import SharedJob, jobs_table
+from .batches import Progress
 from .column import Encrypted
-from .errors import ConfigurationError
+from .conversion import DECRYPTING, ENCRYPTING, Conversion
 from .reports import ColumnJobReport, ReencryptReport
-from .swap import swap
 
 if TYPE_CHECKING:
     from .envelope import Envelope
 
-log = logging.getLogger("sqlalchemy_envelope")
-
-ENCRYPTING, DECRYPTING = "__envelope", "__envelope_plain"
-MAX_NAME = 63  # PostgreSQL's identifier limit (MySQL's is 64)
+__all__ = ["decrypt_column", "encrypt_column", "reencrypt_column"]
 
 
 def encrypt_column(
@@ -87,7 +55,7 @@ def encrypt_column(
         raise TypeError("encrypt_column needs the target Encrypted(...) type")
     bound = type_.for_column(table_name, column_name, envelope)
     bound.crypter()  # ConfigurationError now if the envelope is missing
-    job = _Conversion(
+    job = Conversion(
         table_name, column_name, schema, ENCRYPTING,
         read=bound.inner_type, write=bound, shadow_type=_Stored(bound),
     )  # fmt: skip
@@ -121,7 +89,7 @@ def decrypt_column(
             "decrypt_column needs the plaintext type to restore, such as sa.String(200)"
         )
     reader = Encrypted(plain, envelope).for_column(table_name, column_name)
-    job = _Conversion(
+    job = Conversion(
         table_name, column_name, schema, DECRYPTING, read=reader, write=plain, shadow_type=plain
     )
     return job.run(envelope, bind, batch_size, progress, distributed, chunk_rows, lease, warm=None)
@@ -146,22 +114,9 @@ def reencrypt_column(
     )  # fmt: skip
 
 
-def jobs_table_name(envelope: Envelope) -> str:
-    """The table where distributed jobs claim their ranges (created on first use)."""
-    return f"{envelope.table.name}_jobs"
-
-
 def _warm(bound: Encrypted) -> None:
     # Load the active key outside the batch's transaction (see batches.walk).
     bound.crypter().for_writing()
-
-
-def shadow_name(column: str, suffix: str) -> str:
-    name = column + suffix
-    if len(name) <= MAX_NAME:
-        return name
-    digest = hashlib.sha256(column.encode()).hexdigest()[:8]
-    return f"{column[: MAX_NAME - len(suffix) - 9]}_{digest}{suffix}"
 
 
 class _Stored(sa.types.TypeDecorator[Any]):
@@ -176,180 +131,3 @@ class _Stored(sa.types.TypeDecorator[Any]):
 
     def load_dialect_impl(self, dialect: sa.Dialect) -> sa.types.TypeEngine[Any]:
         return self.encrypted.load_dialect_impl(dialect)
-
-
-class _Conversion:
-    def __init__(
-        self,
-        table: str,
-        column: str,
-        schema: str | None,
-        suffix: str,
-        *,
-        read: sa.types.TypeEngine[Any],
-        write: sa.types.TypeEngine[Any],
-        shadow_type: sa.types.TypeEngine[Any],
-    ) -> None:
-        self.table, self.column, self.schema = table, column, schema
-        self.encrypting = suffix == ENCRYPTING
-        self.shadow = shadow_name(column, suffix)
-        self.other = shadow_name(column, DECRYPTING if self.encrypting else ENCRYPTING)
-        self.read, self.write, self.shadow_type = read, write, shadow_type
-        self.verb = "encrypt_column" if self.encrypting else "decrypt_column"
-
-    def run(
-        self,
-        envelope: Envelope,
-        bind: Engine | Connection,
-        batch_size: int,
-        progress: Progress | None,
-        distributed: bool,
-        chunk_rows: int | None,
-        lease: float,
-        warm: Callable[[], None] | None,
-    ) -> ColumnJobReport:
-        batch_size = check_batch_size(batch_size)
-        report = ColumnJobReport(self.table, self.column)
-        where = f"{self.table}.{self.column}"
-        with connect(bind) as conn:
-            if not self._prepare(conn):
-                report.already_done = True
-                log.info("%s %s: already done", self.verb, where)
-                return report
-            table = self._reflect(conn)
-            pk = primary_key(table)
-            src, dst = table.c[self.column], table.c[self.shadow]
-            todo = (dst.is_(None), src.is_not(None))
-            query = sa.select(*pk, sa.type_coerce(src, self.read)).where(*todo)
-            update = (
-                table.update()
-                .where(*(c == sa.bindparam(f"_env_k{i}", type_=c.type) for i, c in enumerate(pk)))
-                .where(dst.is_(None))
-                .values({dst: sa.bindparam("_env_new", type_=self.write)})
-            )
-
-            def convert(rows: list[sa.Row[Any]]) -> None:
-                n = len(pk)
-                params = [
-                    {**{f"_env_k{i}": v for i, v in enumerate(r[:n])}, "_env_new": r[n]}
-                    for r in rows
-                ]
-                execute_counted(conn, update, params)
-
-            total = count(conn, table, *todo)
-            log.info("%s %s: %d rows to convert, into %s", self.verb, where, total, self.shadow)
-
-            def work(lo: Key | None, hi: Key | None, renew: Callable[[], None]) -> None:
-                for rows in walk(
-                    conn, query, pk, convert, batch_size=batch_size, lo=lo, hi=hi, before_batch=warm
-                ):
-                    report.rows += rows
-                    renew()
-                    if progress is not None:
-                        progress(report.rows, total)
-
-            def rest() -> int:
-                if warm is not None:
-                    warm()
-                return sum(
-                    walk(conn, query, pk, convert, batch_size=batch_size, transactions=False)
-                )
-
-            def final() -> None:
-                if self._state(conn) == "filling":
-                    swap(
-                        conn,
-                        self.table,
-                        self.schema,
-                        self.column,
-                        self.shadow,
-                        self.shadow_type,
-                        rest,
-                    )
-                    report.swapped = True
-
-            if distributed:
-                jobs = jobs_table(jobs_table_name(envelope), self.schema)
-                shared = SharedJob(
-                    conn,
-                    jobs,
-                    f"{self.verb} {where}",
-                    chunk_rows=chunk_rows or 10 * batch_size,
-                    lease=lease,
-                )
-                shared.run(table, pk, work, final)
-            else:
-                work(None, None, lambda: None)
-                final()
-        log.info("%s %s: finished (%d rows converted here)", self.verb, where, report.rows)
-        return report
-
-    # -- the state, read from the schema ----------------------------------------------
-    def _columns(self, conn: Connection) -> dict[str, Any]:
-        with conn.begin():
-            return {
-                c["name"]: c["type"] for c in sa.inspect(conn).get_columns(self.table, self.schema)
-            }
-
-    def _state(self, conn: Connection) -> str:
-        columns = self._columns(conn)
-        if self.shadow in columns:
-            if self.column not in columns:
-                raise ConfigurationError(
-                    f"{self.table}.{self.column} is missing but its shadow {self.shadow} exists; "
-                    "rename the shadow back to the column's name and rerun"
-                )
-            return "filling"
-        if self.column not in columns:
-            raise ConfigurationError(f"table {self.table!r} has no column {self.column!r}")
-        encrypted = self._holds_ciphertext(conn, columns[self.column])
-        return "done" if encrypted == self.encrypting else "start"
-
-    def _prepare(self, conn: Connection) -> bool:
-        """Add the shadow column if needed; False when the conversion is already done."""
-        state = self._state(conn)
-        if self.other in self._columns(conn):
-            # Left by an interrupted conversion the other way, never swapped in.
-            log.info(
-                "%s.%s: dropping %s, left by an interrupted run",
-                self.table,
-                self.column,
-                self.other,
-            )
-            self._ddl(conn, f"DROP COLUMN {self._q(conn, self.other)}")
-        if state == "done":
-            return False
-        if state == "start":
-            spec = CreateColumn(sa.Column(self.shadow, self.shadow_type, nullable=True))
-            try:
-                self._ddl(conn, f"ADD COLUMN {spec.compile(dialect=conn.dialect)}")
-            except sa.exc.DBAPIError:
-                if self._state(conn) != "filling":  # not another worker's concurrent add
-                    raise
-        return True
-
-    def _holds_ciphertext(self, conn: Connection, reflected: Any) -> bool:
-        if not isinstance(reflected, sa.types._Binary):
-            return False
-        col = sa.column(self.column, sa.LargeBinary)
-        table = sa.table(self.table, col, schema=self.schema)
-        with conn.begin():
-            values = conn.execute(
-                sa.select(col).select_from(table).where(col.is_not(None)).limit(16)
-            )
-            return all(wire.parse_header(bytes(v)) is not None for v in values.scalars())
-
-    def _reflect(self, conn: Connection) -> sa.Table:
-        with conn.begin():
-            return sa.Table(self.table, sa.MetaData(), schema=self.schema, autoload_with=conn)
-
-    def _q(self, conn: Connection, name: str) -> str:
-        return str(conn.dialect.identifier_preparer.quote(name))
-
-    def _ddl(self, conn: Connection, clause: str) -> None:
-        qt = conn.dialect.identifier_preparer.format_table(sa.table(self.table, schema=self.schema))
-        with conn.begin():
-            conn.exec_driver_sql(f"ALTER TABLE {qt} {clause}")
-
-
-__all__: Sequence[str] = ("decrypt_column", "encrypt_column", "reencrypt_column", "shadow_name")

@@ -12,7 +12,6 @@ key ids and counts, never values.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -20,12 +19,21 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from . import wire
-from .batches import Key, Progress, check_batch_size, connect, count, execute_counted, walk
-from .claims import SharedJob, jobs_table
+from .batches import (
+    Key,
+    Progress,
+    Ticker,
+    check_batch_size,
+    connect,
+    count,
+    execute_counted,
+    walk,
+)
+from .claims import SharedJob, jobs_table, jobs_table_name
 from .crypter import Cipher
 from .discovery import Target, resolve
 from .errors import DecryptionError, KeyDestroyedError, KeyNotFoundError
-from .inplace import decrypt_column, encrypt_column, jobs_table_name, reencrypt_column
+from .inplace import decrypt_column, encrypt_column, reencrypt_column
 from .reports import (
     KEY_DESTROYED,
     KEY_NOT_FOUND,
@@ -51,8 +59,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("sqlalchemy_envelope")
-
-LOG_EVERY = 10.0  # seconds between INFO progress lines
 
 
 def reencrypt(
@@ -101,7 +107,7 @@ def reencrypt(
         rewriter = _Rewriter(conn, target, report)
         query = sa.select(*target.pk, *target.columns)
         _log_start("reencrypt", target, total)
-        ticker = _Ticker("reencrypt", target.name, total)
+        ticker = Ticker("reencrypt", target.name, total)
 
         def work(lo: Key | None, hi: Key | None, renew: Callable[[], None]) -> None:
             for rows in walk(
@@ -255,20 +261,3 @@ class _Rewriter:
 def _log_start(job: str, target: Target, total: int) -> None:
     columns = ", ".join(f"{name} (scope {c.scope!r})" for name, c in target.crypters.items())
     log.info("%s %s: %d rows; columns %s", job, target.name, total, columns)
-
-
-class _Ticker:
-    """INFO progress lines, at most one every ``LOG_EVERY`` seconds."""
-
-    def __init__(self, job: str, table: str, total: int | None) -> None:
-        self.job, self.table, self.total = job, table, total
-        self.started = self.last = time.monotonic()
-
-    def tick(self, done: int) -> None:
-        now = time.monotonic()
-        if now - self.last >= LOG_EVERY:
-            self.last = now
-            rate = done / max(now - self.started, 1e-9)
-            log.info(
-                "%s %s: %d of %s rows (%.0f rows/s)", self.job, self.table, done, self.total, rate
-            )

@@ -1,0 +1,173 @@
+"""Alembic autogenerate support: rendering ``Encrypted`` columns and our operations.
+
+``render_item`` and ``process_revision_directives`` are the two hooks an
+``env.py`` passes to ``context.configure`` (see :mod:`sqlalchemy_envelope.alembic`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from alembic.autogenerate import renderers
+from alembic.autogenerate.api import AutogenContext
+from alembic.autogenerate.rewriter import Rewriter
+from alembic.operations import ops
+from alembic.runtime.migration import MigrationContext
+
+from .claims import jobs_table_name
+from .column import Encrypted
+from .migration_ops import (
+    DEFAULT_TABLE,
+    ColumnOp,
+    CreateKeyringTableOp,
+    DecryptColumnOp,
+    DropKeyringTableOp,
+    EncryptColumnOp,
+    KeyringOp,
+    registered_envelope,
+)
+
+
+def render_item(type_: str, obj: Any, autogen_context: AutogenContext) -> str | Literal[False]:
+    """``render_item`` hook for env.py: renders ``Encrypted(...)`` with its import."""
+    if type_ != "type" or not isinstance(obj, Encrypted):
+        return False
+    if autogen_context.imports is not None:
+        autogen_context.imports.add("import sqlalchemy_envelope")
+    return _render_encrypted(obj, autogen_context)
+
+
+def _render_encrypted(obj: Encrypted, autogen_context: AutogenContext) -> str:
+    try:
+        from alembic.autogenerate.render import _repr_type
+
+        inner = _repr_type(obj.inner_type, autogen_context)
+    except ImportError:  # pragma: no cover - a future Alembic without the helper
+        inner = f"sa.{obj.inner_type!r}"
+    args = [inner]
+    if obj.deterministic:
+        args.append("deterministic=True")
+    if obj.scope is not None:
+        args.append(f"scope={obj.scope!r}")
+    return f"sqlalchemy_envelope.Encrypted({', '.join(args)})"
+
+
+def _render_args(op: ColumnOp, autogen_context: AutogenContext, *extra: str) -> str:
+    args = [repr(op.table_name), repr(op.column_name), *extra]
+    if op.schema is not None:
+        args.append(f"schema={op.schema!r}")
+    return ", ".join(args)
+
+
+def _needs_import(autogen_context: AutogenContext, *more: str) -> None:
+    if autogen_context.imports is not None:
+        autogen_context.imports.update(("import sqlalchemy_envelope.alembic", *more))
+
+
+@renderers.dispatch_for(EncryptColumnOp)
+def _render_encrypt_column(autogen_context: AutogenContext, op: EncryptColumnOp) -> str:
+    _needs_import(autogen_context, "import sqlalchemy_envelope")
+    rendered = _render_encrypted(op.type_, autogen_context)
+    return f"op.encrypt_column({_render_args(op, autogen_context, rendered)})"
+
+
+@renderers.dispatch_for(DecryptColumnOp)
+def _render_decrypt_column(autogen_context: AutogenContext, op: DecryptColumnOp) -> str:
+    from alembic.autogenerate.render import _repr_type
+
+    _needs_import(autogen_context)
+    rendered = _repr_type(op.type_, autogen_context)
+    return f"op.decrypt_column({_render_args(op, autogen_context, rendered)})"
+
+
+@renderers.dispatch_for(CreateKeyringTableOp)
+def _render_create_keyring(autogen_context: AutogenContext, op: CreateKeyringTableOp) -> str:
+    _needs_import(autogen_context)
+    return f"op.create_keyring_table({_keyring_args(op)})"
+
+
+@renderers.dispatch_for(DropKeyringTableOp)
+def _render_drop_keyring(autogen_context: AutogenContext, op: DropKeyringTableOp) -> str:
+    _needs_import(autogen_context)
+    return f"op.drop_keyring_table({_keyring_args(op)})"
+
+
+def _keyring_args(op: KeyringOp) -> str:
+    args = [] if op.table_name is None else [repr(op.table_name)]
+    if op.schema is not None:
+        args.append(f"schema={op.schema!r}")
+    return ", ".join(args)
+
+
+process_revision_directives = Rewriter()
+"""``process_revision_directives`` hook for env.py (an Alembic ``Rewriter``).
+
+Autogenerate sees a plaintext column that the models now declare
+``Encrypted`` as a type change; this turns it into ``op.encrypt_column`` (and
+the downgrade's into ``op.decrypt_column``), and the keyring table's
+``create_table`` / ``drop_table`` into ``op.create_keyring_table()`` /
+``op.drop_keyring_table()``; it leaves out the batch jobs' own table
+(``<keyring table>_jobs``), which distributed jobs create on demand. Chain it
+with other rewriters via ``.chain()``.
+"""
+
+
+@process_revision_directives.rewrites(ops.AlterColumnOp)
+def _convert_type_change(context: MigrationContext, revision: Any, op: ops.AlterColumnOp) -> Any:
+    new, old = op.modify_type, op.existing_type
+    if new is None or isinstance(new, Encrypted) == isinstance(old, Encrypted):
+        return op
+    if _other_changes(op):
+        return op  # leave a combined change to the author
+    if isinstance(new, Encrypted):
+        return EncryptColumnOp(op.table_name, op.column_name, new, schema=op.schema)
+    # The inner type the values were encoded with, which is what the column held before.
+    plain = old.inner_type if isinstance(old, Encrypted) else new
+    return DecryptColumnOp(op.table_name, op.column_name, plain, schema=op.schema)
+
+
+def _other_changes(op: ops.AlterColumnOp) -> bool:
+    kw = op.kw
+    return any(
+        value is not None
+        for value in (
+            op.modify_nullable,
+            op.modify_server_default or None,
+            op.modify_name,
+            op.modify_comment or None,
+            kw.get("modify_autoincrement"),
+        )
+    )
+
+
+@process_revision_directives.rewrites(ops.CreateTableOp)
+def _create_keyring(context: MigrationContext, revision: Any, op: ops.CreateTableOp) -> Any:
+    envelope = registered_envelope(context)
+    if envelope is not None and op.table_name == envelope.table.name:
+        return CreateKeyringTableOp(_custom_name(op.table_name), schema=op.schema)
+    return op
+
+
+@process_revision_directives.rewrites(ops.CreateIndexOp)
+def _keyring_index(context: MigrationContext, revision: Any, op: ops.CreateIndexOp) -> Any:
+    # create_keyring_table creates the keyring's indexes too.
+    envelope = registered_envelope(context)
+    if envelope is None or op.table_name != envelope.table.name or context.connection is None:
+        return op
+    exists = sa.inspect(context.connection).has_table(op.table_name, schema=op.schema)
+    return op if exists else []
+
+
+@process_revision_directives.rewrites(ops.DropTableOp)
+def _drop_keyring(context: MigrationContext, revision: Any, op: ops.DropTableOp) -> Any:
+    envelope = registered_envelope(context)
+    if envelope is not None and op.table_name == envelope.table.name:
+        return DropKeyringTableOp(_custom_name(op.table_name), schema=op.schema)
+    if envelope is not None and op.table_name == jobs_table_name(envelope):
+        return []  # the batch jobs' own table, created on demand: not the models' business
+    return op
+
+
+def _custom_name(name: str) -> str | None:
+    return None if name == DEFAULT_TABLE else name
