@@ -16,6 +16,7 @@ the unfinished ranges and nothing else.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import os
@@ -64,6 +65,13 @@ def jobs_table_name(envelope: Envelope) -> str:
     return f"{envelope.table.name}_jobs"
 
 
+def job_name(text: str) -> str:
+    """``text``, shortened to fit the jobs table (with a digest, so it stays unique)."""
+    if len(text) <= 255:
+        return text
+    return f"{text[:230]} #{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -98,10 +106,21 @@ class SharedJob:
         self.owner = worker_id()
 
     def run(
-        self, table: sa.Table, pk: list[sa.Column[Any]], work: Work, final: Callable[[], None]
+        self,
+        table: sa.Table,
+        pk: list[sa.Column[Any]],
+        work: Work,
+        final: Callable[[], None],
+        *,
+        fresh: bool = False,
     ) -> None:
-        """Work through claimed ranges until the whole plan, final step included, is done."""
+        """Work through claimed ranges until the whole plan, final step included, is done.
+
+        ``fresh``: an earlier plan of this job no longer applies (its work was undone).
+        """
         self._create_table()
+        if fresh:
+            self._forget()
         self._plan(table, pk)
         while True:
             claimed = self._claim(final=False)
@@ -135,6 +154,10 @@ class SharedJob:
             with self.conn.begin():
                 if not sa.inspect(self.conn).has_table(self.jobs.name, schema=self.jobs.schema):
                     raise
+
+    def _forget(self) -> None:
+        with self.conn.begin():
+            self.conn.execute(self.jobs.delete().where(self.jobs.c.job == self.job))
 
     def _plan(self, table: sa.Table, pk: list[sa.Column[Any]]) -> None:
         j = self.jobs.c

@@ -99,7 +99,8 @@ class Conversion:
         report = ColumnJobReport(self.table, self.column)
         where = f"{self.table}.{self.column}"
         with connect(bind) as conn:
-            if not self._prepare(conn):
+            state = self._prepare(conn)
+            if state == "done":
                 report.already_done = True
                 log.info("%s %s: already done", self.verb, where)
                 return report
@@ -166,7 +167,8 @@ class Conversion:
                     chunk_rows=chunk_rows or 10 * batch_size,
                     lease=lease,
                 )
-                shared.run(table, pk, work, final)
+                # A new shadow column: any earlier plan's finished ranges are void.
+                shared.run(table, pk, work, final, fresh=state == "added")
             else:
                 work(None, None, lambda: None)
                 final()
@@ -194,8 +196,8 @@ class Conversion:
         encrypted = self._holds_ciphertext(conn, columns[self.column])
         return "done" if encrypted == self.encrypting else "start"
 
-    def _prepare(self, conn: Connection) -> bool:
-        """Add the shadow column if needed; False when the conversion is already done."""
+    def _prepare(self, conn: Connection) -> str:
+        """Add the shadow column if needed: "added", "filling" or (nothing to do) "done"."""
         state = self._state(conn)
         if self.other in self._columns(conn):
             # Left by an interrupted conversion the other way, never swapped in.
@@ -206,16 +208,16 @@ class Conversion:
                 self.other,
             )
             self._ddl(conn, f"DROP COLUMN {self._q(conn, self.other)}")
-        if state == "done":
-            return False
-        if state == "start":
-            spec = CreateColumn(sa.Column(self.shadow, self.shadow_type, nullable=True))
-            try:
-                self._ddl(conn, f"ADD COLUMN {spec.compile(dialect=conn.dialect)}")
-            except sa.exc.DBAPIError:
-                if self._state(conn) != "filling":  # not another worker's concurrent add
-                    raise
-        return True
+        if state != "start":
+            return state
+        spec = CreateColumn(sa.Column(self.shadow, self.shadow_type, nullable=True))
+        try:
+            self._ddl(conn, f"ADD COLUMN {spec.compile(dialect=conn.dialect)}")
+        except sa.exc.DBAPIError:
+            if self._state(conn) != "filling":  # not another worker's concurrent add
+                raise
+            return "filling"
+        return "added"
 
     def _holds_ciphertext(self, conn: Connection, reflected: Any) -> bool:
         if not isinstance(reflected, sa.types._Binary):

@@ -29,7 +29,7 @@ from .batches import (
     execute_counted,
     walk,
 )
-from .claims import SharedJob, jobs_table, jobs_table_name
+from .claims import SharedJob, job_name, jobs_table, jobs_table_name
 from .crypter import Cipher
 from .discovery import Target, resolve
 from .errors import DecryptionError, KeyDestroyedError, KeyNotFoundError
@@ -121,7 +121,10 @@ def reencrypt(
                 ticker.tick(report.rows)
 
         if distributed:
-            job = f"reencrypt {target.name}({','.join(target.crypters)})"
+            # Named after the target keys: after another rotation, a new plan.
+            rewriter.load_active()
+            keys = ",".join(str(k) for k in sorted(set(rewriter.report.active_keys.values())))
+            job = job_name(f"reencrypt {target.name}({','.join(target.crypters)}) to {keys}")
             shared = SharedJob(
                 conn,
                 jobs_table(jobs_table_name(envelope), target.table.schema),

@@ -181,3 +181,24 @@ def test_a_dead_workers_range_is_taken_over(
             .all()
         )
     assert states == ["done"]
+
+
+def test_a_rotation_in_between_gets_a_new_plan(
+    sqlite_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    engine = make_engine(sqlite_url)
+    app = Envelope(sa.MetaData())
+    app.metadata.create_all(engine)  # type: ignore[union-attr]
+    app.configure(kms=local_kms, engine=engine)
+    populate(engine, app, encrypted=True)
+    app.rotate("accounts")
+
+    def die(done: int, total: int | None) -> None:
+        if done >= 250:
+            raise Interrupted  # ranges 0 and 1 done under the plan for that key
+
+    with pytest.raises(Interrupted):
+        reencrypt(app, "accounts", batch_size=25, progress=die, distributed=True, chunk_rows=100)
+    newest = app.rotate("accounts")
+    report = reencrypt(app, "accounts", batch_size=25, distributed=True, chunk_rows=100)
+    assert report.rows == ROWS and stored_keys(engine) == {newest}
