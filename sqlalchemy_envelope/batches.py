@@ -40,6 +40,13 @@ def check_batch_size(batch_size: int) -> int:
 @contextmanager
 def connect(bind: Engine | Connection) -> Iterator[Connection]:
     """A connection on which the job may begin and commit one transaction per batch."""
+    if isinstance(bind, (Engine, Connection)) and bind.dialect.is_async:
+        from .errors import ConfigurationError
+
+        raise ConfigurationError(
+            "batch jobs run synchronously: pass bind= an Engine with a synchronous driver "
+            "(for example postgresql+psycopg:// rather than postgresql+asyncpg://)"
+        )
     if isinstance(bind, Engine):
         with bind.connect() as conn:
             yield conn
@@ -134,10 +141,19 @@ def walk(
 
 
 def execute_counted(conn: Connection, stmt: sa.Update, params: list[dict[str, Any]]) -> int:
-    """Rows matched by an executemany UPDATE (one by one where the driver cannot count)."""
-    if conn.dialect.supports_sane_multi_rowcount:
-        return int(conn.execute(stmt, params).rowcount)
-    return sum(int(conn.execute(stmt, p).rowcount) for p in params)
+    """Rows matched by an executemany UPDATE (one by one where the driver cannot count).
+
+    The parameters are values being converted (plaintext, for decrypt_column):
+    a database error's message does not list them.
+    """
+    try:
+        if conn.dialect.supports_sane_multi_rowcount:
+            return int(conn.execute(stmt, params).rowcount)
+        return sum(int(conn.execute(stmt, p).rowcount) for p in params)
+    except sa.exc.StatementError as exc:
+        exc.params = None
+        exc.hide_parameters = True
+        raise
 
 
 def count(conn: Connection, table: sa.Table, *where: ColumnElement[bool]) -> int:

@@ -145,12 +145,15 @@ def verify(
     *,
     columns: Sequence[str] | None = None,
     batch_size: int = 1000,
+    progress: Progress | None = None,
     bind: Engine | Connection | None = None,
 ) -> VerifyReport:
     """Count the table's encrypted values per key id, and find plaintext and unreadable ones.
 
     Every value is decrypted (authenticated) but none is kept, shown or logged.
-    Reads ``batch_size`` rows at a time in primary-key order.
+    Reads ``batch_size`` rows at a time in primary-key order from ``bind``
+    (default: the envelope's engine); ``progress(done, total)`` as for
+    :func:`reencrypt`.
     """
     batch_size = check_batch_size(batch_size)
     with connect(bind if bind is not None else envelope.engine) as conn:
@@ -190,9 +193,12 @@ def verify(
                         counts.unreadable += 1
                         counts.unreadable_by_cause[cause] += 1
 
+        total = count(conn, target.table) if progress is not None else None
         query = sa.select(*target.pk, *target.columns)
         for rows in walk(conn, query, target.pk, check, batch_size=batch_size):
             report.rows += rows
+            if progress is not None:
+                progress(report.rows, total)
     log.info("verify %s", report)
     return report
 

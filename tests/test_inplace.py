@@ -299,3 +299,35 @@ def test_sigkill_at_random_points_then_rerun(
     assert {c["name"] for c in sa.inspect(engine).get_columns("records")} == {
         c.name for c in table.columns
     }
+
+
+def test_a_failing_batch_names_no_value(
+    setup: tuple[Envelope, sa.Engine, sa.Table, list[tuple[Any, ...]]],
+) -> None:
+    envelope, engine, table, before = setup
+    encrypt_column(envelope, engine, "records", "s", Encrypted(sa.String(40)))
+    if engine.dialect.name == "sqlite":
+        pytest.skip("SQLite does not enforce VARCHAR lengths")
+    with pytest.raises(sa.exc.DBAPIError) as failure:  # a plaintext type too narrow for the values
+        decrypt_column(envelope, engine, "records", "s", sa.String(5))
+    assert "secret" not in str(failure.value) and "parameters" not in str(failure.value)
+    # The encrypted column is untouched; dropping the shadow and rerunning recovers.
+    assert read(engine, encrypted_view(table, envelope, ["s"])) == before
+    with engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE records DROP COLUMN s__envelope_plain"))
+    decrypt_column(envelope, engine, "records", "s", sa.String(40))
+    assert read(engine, table) == before
+
+
+def test_batch_jobs_refuse_an_async_engine(tmp_path: Path, local_kms: LocalKms) -> None:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from sqlalchemy_envelope import ConfigurationError
+    from sqlalchemy_envelope.jobs import reencrypt
+
+    envelope = Envelope()
+    envelope.configure(
+        kms=local_kms, engine=create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'a.db'}")
+    )
+    with pytest.raises(ConfigurationError, match="synchronous"):
+        reencrypt(envelope, "records")
