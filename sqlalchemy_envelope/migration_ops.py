@@ -41,6 +41,17 @@ def find_envelope(context: MigrationContext, envelope: Envelope | None = None) -
     return found
 
 
+def _configured(envelope: Envelope) -> Envelope:
+    try:
+        _ = envelope.kms
+    except ConfigurationError:
+        raise ConfigurationError(
+            "the envelope has no KMS yet: configure it in env.py before running migrations, "
+            "envelope.configure(kms=..., engine=connection.engine)"
+        ) from None
+    return envelope
+
+
 def registered_envelope(context: MigrationContext) -> Envelope | None:
     target = context.opts.get("target_metadata")
     metadatas = target if isinstance(target, Sequence) else [target]
@@ -261,7 +272,7 @@ class ReencryptColumnOp(ColumnOp):
 def _encrypt_column(operations: Operations, op: EncryptColumnOp) -> None:
     context = operations.get_context()
     _online(context, "encrypt_column")
-    envelope = find_envelope(context, op.envelope)
+    envelope = _configured(find_envelope(context, op.envelope))
     with context.autocommit_block():
         jobs.encrypt_column(
             envelope, _engine(context), op.table_name, op.column_name, op.type_,
@@ -273,7 +284,7 @@ def _encrypt_column(operations: Operations, op: EncryptColumnOp) -> None:
 def _decrypt_column(operations: Operations, op: DecryptColumnOp) -> None:
     context = operations.get_context()
     _online(context, "decrypt_column")
-    envelope = find_envelope(context, op.envelope)
+    envelope = _configured(find_envelope(context, op.envelope))
     with context.autocommit_block():
         jobs.decrypt_column(
             envelope, _engine(context), op.table_name, op.column_name, op.type_,
@@ -285,7 +296,7 @@ def _decrypt_column(operations: Operations, op: DecryptColumnOp) -> None:
 def _reencrypt_column(operations: Operations, op: ReencryptColumnOp) -> None:
     context = operations.get_context()
     _online(context, "reencrypt_column")
-    envelope = find_envelope(context, op.envelope)
+    envelope = _configured(find_envelope(context, op.envelope))
     table: Any = op.table_name
     if op.schema is not None:
         table = sa.Table(op.table_name, sa.MetaData(), schema=op.schema)

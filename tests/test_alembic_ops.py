@@ -159,6 +159,8 @@ def test_explicit_envelope_and_missing_envelope(
         create_plain_people(op)
     insert_people(engine, 10)
     assert "custom_keys" in sa.inspect(engine).get_table_names()
+    with pytest.raises(ConfigurationError, match=r"in env\.py"):
+        migrate(models()[0]).encrypt_column("people", "name", Encrypted(sa.String(80)))
     op = migrate(sa.MetaData())
     with pytest.raises(ConfigurationError, match="target_metadata"):
         op.encrypt_column("people", "name", Encrypted(sa.String(80)))
