@@ -11,8 +11,8 @@ varchar(200))`` filled server-side:
   value to the new key.
 
 Each job runs in a child process of its own (``python -m benchmarks.migration
-JOB ...``) that reports its time and its peak resident memory (``ru_maxrss``
-and ``VmHWM``), so the sizes can be compared: a job whose memory is bounded
+JOB ...``) that reports its time and its peak resident memory (``VmHWM``
+from ``/proc/self/status``), so the sizes can be compared: a job whose memory is bounded
 peaks at the same height at 100,000 and 1,000,000 rows.
 """
 
@@ -187,8 +187,10 @@ def child(job: str, env: dict[str, Any]) -> dict[str, Any]:
     return {
         "seconds": seconds,
         "start_rss_mb": start_rss,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "vm_hwm_mb": _rss_mb("VmHWM"),
+        # VmHWM is this process's own peak. ru_maxrss is not: Linux carries
+        # into it the parent's resident size at fork, before the exec.
+        "peak_rss_mb": _rss_mb("VmHWM"),
+        "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
 
