@@ -89,9 +89,16 @@ class KeyManager:
                 f"data key {row.id} of scope {row.scope!r} was destroyed; "
                 "values under it cannot be read any more"
             )
-        material = self.call_kms(
-            self.kms.unwrap, row.wrapped_key, scope_context(row.scope), row.kms_key_id
-        )
+        try:
+            material = self.call_kms(
+                self.kms.unwrap, row.wrapped_key, scope_context(row.scope), row.kms_key_id
+            )
+        except KmsError as exc:
+            # Name the key and scope: the provider only knows the CMK.
+            raise KmsError(
+                f"data key {row.id} of scope {row.scope!r} could not be unwrapped: {exc}",
+                code=exc.code,
+            ) from exc
         if len(material) != DATA_KEY_BYTES:
             raise KmsError(f"the KMS returned a data key of the wrong size for key {row.id}")
         return DataKey(row.id, row.scope, material)

@@ -9,8 +9,6 @@ an older version of the same row) is shown as well: docs/SECURITY.md says so.
 
 from __future__ import annotations
 
-import datetime as dt
-import decimal
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,75 +19,8 @@ from sqlalchemy.orm import Session
 
 from sqlalchemy_envelope import DecryptionError, KeyNotFoundError, LocalKms, wire
 
-from .models import App, Color, build
-
-WHEN = dt.datetime(2024, 5, 1, 9, 30, tzinfo=dt.timezone(dt.timedelta(hours=2)))
-ALICE = {
-    "name": "Alice Tamperproof",
-    "email": "alice@tamper.example",
-    "ssn": "123-45-6789",
-    "notes": {"allergy": ["nuts"]},
-}
-BOB = {
-    "name": "Bob Otherrow",
-    "email": "bob@tamper.example",
-    "ssn": "987-65-4321",
-    "notes": {"x": 1},
-}
-
-
-class Db:
-    """A populated database and raw access to its stored values."""
-
-    def __init__(self, app: App, engine: sa.Engine) -> None:
-        self.app = app
-        self.engine = engine
-
-    def raw(self, table: str, column: str, row_id: Any = None) -> bytes:
-        t = self._raw_table(table, column)
-        with self.engine.connect() as conn:
-            return bytes(conn.execute(self._one(t, sa.select(t.c[column]), row_id)).scalar_one())
-
-    def put(self, table: str, column: str, value: bytes, row_id: Any = None) -> None:
-        t = self._raw_table(table, column)
-        with self.engine.begin() as conn:
-            assert (
-                conn.execute(self._one(t, sa.update(t).values({column: value}), row_id)).rowcount
-                == 1
-            )
-
-    def read(self, table: str, column: str, row_id: Any = None) -> Any:
-        """The column's value through the Encrypted type, as the application reads it."""
-        t = self.app.Base.metadata.tables[table]
-        with self.engine.connect() as conn:
-            return conn.execute(self._one(t, sa.select(t.c[column]), row_id)).scalar_one()
-
-    def read_orm(self, row_id: int) -> dict[str, Any]:
-        with Session(self.engine) as s:
-            p = s.get(self.app.Patient, row_id)
-            assert p is not None
-            return {"name": p.name, "email": p.email, "ssn": p.ssn, "notes": p.notes}
-
-    @staticmethod
-    def _one(t: Any, stmt: Any, row_id: Any) -> Any:
-        """Row ``row_id``; by default row 1 (patients, doctors) or the only row (visits)."""
-        if t.name == "visits" and row_id is None:
-            return stmt
-        return stmt.where(t.c.id == (1 if row_id is None else row_id))
-
-    def _raw_table(self, table: str, column: str) -> sa.TableClause:
-        id_type = self.app.Base.metadata.tables[table].c.id.type
-        return sa.table(table, sa.column("id", id_type), sa.column(column, sa.LargeBinary))
-
-
-def populate(app: App, engine: sa.Engine) -> None:
-    with Session(engine) as s:
-        alice = app.Patient(id=1, **ALICE)
-        alice.visits.append(
-            app.Visit(reason="checkup", at=WHEN, fee=decimal.Decimal("12.50"), color=Color.RED)
-        )
-        s.add_all([alice, app.Patient(id=2, **BOB), app.Doctor(id=1, name="Dr. Stored")])
-        s.commit()
+from .attack import ALICE, BOB, WHEN, Db, outcome, populate
+from .models import build
 
 
 @pytest.fixture
@@ -100,13 +31,6 @@ def db(db_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms) 
     app.envelope.configure(kms=local_kms, engine=engine)
     populate(app, engine)
     return Db(app, engine)
-
-
-def outcome(read: Callable[[], Any]) -> Any:
-    try:
-        return read()
-    except Exception as exc:  # the test asserts on the type
-        return exc
 
 
 def try_read(db: Db, table: str, column: str) -> Any:
