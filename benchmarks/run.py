@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"note: Postgres skipped (no --pg-url and ${PG_ENV} is not set)")
 
-    tables = []
+    json_path = args.out / f"bench-{stamp}.json"
     for name, label, engine_cm in databases:
         with engine_cm as engine:
             log(f"{label}: setting up")
@@ -162,29 +162,26 @@ def main(argv: list[str] | None = None) -> int:
             "floor_median_s_per_value": medians,
             "summary": summary,
         }
-        tables.append(report.table(label, summary, medians, rows=args.rows, repeat=args.repeat))
+        print()
+        print(report.table(label, summary, medians, rows=args.rows, repeat=args.repeat), flush=True)
+        report.write_json(json_path, payload)  # a long run keeps what it has measured
 
     if not args.no_economy:
         log("KMS economy")
         payload["kms_economy"] = economy.run(pg_url, rows=args.economy_rows)
+        print()
+        print(report.economy_text(payload["kms_economy"]), flush=True)
+        report.write_json(json_path, payload)
 
     if args.migration:
         payload["migration"] = _migration(args, pg_url, log)
+        if payload["migration"]:
+            from benchmarks import migration
+
+            print()
+            print(migration.text(payload["migration"]), flush=True)
 
     print()
-    for text in tables:
-        print(text)
-        print()
-    if "kms_economy" in payload:
-        print(report.economy_text(payload["kms_economy"]))
-        print()
-    if payload.get("migration"):
-        from benchmarks import migration
-
-        print(migration.text(payload["migration"]))
-        print()
-
-    json_path = args.out / f"bench-{stamp}.json"
     report.write_json(json_path, payload)
     print(f"results: {json_path}")
     if payload["databases"]:

@@ -69,11 +69,28 @@ def _prepare_sqlite_scopes(conn: Any) -> None:
 def _redact_parameters(context: ExceptionContext) -> BaseException | None:
     original = context.original_exception
     if not isinstance(original, EnvelopeError):
+        # Anything else raised inside our processors (a RecursionError from a too
+        # deeply nested JSON value, a keyring query that failed) keeps its type,
+        # but not the plaintext parameters.
+        if _raised_in_this_package(original) and isinstance(
+            context.sqlalchemy_exception, sa.exc.StatementError
+        ):
+            context.sqlalchemy_exception.params = None
+            context.sqlalchemy_exception.hide_parameters = True
         return None
     if isinstance(context.sqlalchemy_exception, sa.exc.StatementError):
         context.sqlalchemy_exception.params = None
         context.sqlalchemy_exception.hide_parameters = True
     return copy.copy(original)
+
+
+def _raised_in_this_package(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None:
+        if str(tb.tb_frame.f_globals.get("__name__", "")).startswith(__package__ + "."):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _prefetch_for_async(
