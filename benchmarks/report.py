@@ -89,7 +89,8 @@ def targets(
             theirs = summary[path].get(rival)
             if theirs is None:
                 continue
-            ratio = _f(theirs["overhead_us"]) / max(_f(ours["overhead_us"]), 1e-9)
+            mine = _f(ours["overhead_us"])
+            ratio = _f(theirs["overhead_us"]) / mine if mine > 0 else float("inf")
             found.append(
                 (f"{path}: {rival} overhead ÷ Encrypted overhead", ratio, ">= 4", ratio >= 4)
             )
