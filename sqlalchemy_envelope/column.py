@@ -203,9 +203,13 @@ class Encrypted(TypeDecorator[Any]):
             try:
                 data = encode(value)
             except _BAD_VALUE:
+                data = None
+            if data is None:
+                # Raised outside the except block: the codec's error (which may quote
+                # the value, as Enum's does) must not ride along as __context__.
                 raise ValueTypeError(
                     f"{location}: expected {expects}, got a value of type {type(value).__name__}"
-                ) from None
+                )
             cipher = crypter.active
             if cipher is None or cipher.expires <= clock():
                 cipher = crypter.for_writing()
@@ -273,7 +277,9 @@ class Encrypted(TypeDecorator[Any]):
         crypter = self.crypter()
         codec = codec_for(self.inner_type)
         try:
-            plaintexts = [codec.encode(v) for v in values if v is not None]
+            plaintexts: list[bytes] | None = [codec.encode(v) for v in values if v is not None]
         except _BAD_VALUE:
-            raise ValueTypeError(f"{crypter.where()}: expected {codec.expects} in the comparison") from None
+            plaintexts = None
+        if plaintexts is None:  # outside the except block: no __context__ quoting the value
+            raise ValueTypeError(f"{crypter.where()}: expected {codec.expects} in the comparison")
         return [c.head + c.seal(p) for c in crypter.for_lookup() for p in plaintexts]

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
+
+from sqlalchemy_envelope import LocalKms
+from sqlalchemy_envelope.kms.base import GeneratedKey, KeyProvider
 
 from .models import App, Color
 
@@ -86,3 +89,40 @@ def outcome(read: Callable[[], Any]) -> Any:
         return read()
     except Exception as exc:  # the test asserts on the type
         return exc
+
+
+# -- a KMS that can be switched off: a fake in front of the real LocalKms -------------------
+class SwitchableKms:
+    """LocalKms that raises ``failure`` on every call while it is set."""
+
+    def __init__(self, inner: LocalKms) -> None:
+        self.inner = inner
+        self.failure: BaseException | None = None
+
+    def __repr__(self) -> str:
+        return f"SwitchableKms({self.inner!r})"
+
+    def _check(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    def generate_data_key(self, context: Mapping[str, str]) -> GeneratedKey:
+        self._check()
+        return self.inner.generate_data_key(context)
+
+    def wrap(self, plaintext: bytes, context: Mapping[str, str]) -> tuple[bytes, str]:
+        self._check()
+        return self.inner.wrap(plaintext, context)
+
+    def unwrap(self, wrapped: bytes, context: Mapping[str, str], kms_key_id: str) -> bytes:
+        self._check()
+        return self.inner.unwrap(wrapped, context, kms_key_id)
+
+    def rewrap_from(
+        self, source: KeyProvider, wrapped: bytes, context: Mapping[str, str], kms_key_id: str
+    ) -> tuple[bytes, str]:
+        self._check()
+        return self.inner.rewrap_from(source, wrapped, context, kms_key_id)
+
+    def owns(self, kms_key_id: str) -> bool:
+        return self.inner.owns(kms_key_id)
