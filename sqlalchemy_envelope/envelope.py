@@ -102,6 +102,8 @@ class Envelope:
             )
         sync_engine(engine)  # TypeError for anything else
         with self._lock:
+            if self._keyring is not None:
+                self._keyring.dispose()
             self._keyring = Keyring(self.table, engine)
             self._manager = (
                 None
@@ -127,7 +129,13 @@ class Envelope:
 
     @property
     def engine(self) -> Engine:
-        return self.keyring().engine
+        """The application's engine (its synchronous facade under asyncio)."""
+        return self.keyring().data_engine
+
+    def dispose(self) -> None:
+        """Close the connections the keyring opened (it keeps a small pool of its own)."""
+        if self._keyring is not None:
+            self._keyring.dispose()
 
     def keyring(self) -> Keyring:
         if self._keyring is None:

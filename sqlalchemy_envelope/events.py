@@ -52,7 +52,7 @@ def install() -> None:
 
 def watch_sqlite(manager: Any) -> None:
     """Prepare ``manager``'s scopes whenever a transaction begins on its SQLite engine."""
-    if manager.keyring.engine.dialect.name == "sqlite":
+    if manager.keyring.data_engine.dialect.name == "sqlite":
         _sqlite_managers.add(manager)
 
 
@@ -60,7 +60,7 @@ def _prepare_sqlite_scopes(conn: Any) -> None:
     if conn.dialect.name != "sqlite" or in_keyring_io():
         return
     for manager in list(_sqlite_managers):
-        if manager.keyring.engine is conn.engine:
+        if manager.keyring.data_engine is conn.engine:
             # No keyring table yet (create_all is running): the next transaction retries.
             with contextlib.suppress(sa.exc.OperationalError):
                 manager.prepare_scopes()

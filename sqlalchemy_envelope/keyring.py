@@ -90,6 +90,29 @@ def sync_engine(engine: Any) -> Engine:
     return inner
 
 
+def _own_pool(engine: Engine) -> Engine:
+    """The application's engine with a connection pool of the keyring's own.
+
+    Keys are loaded while the application holds connections: if every
+    connection of a shared pool were held by readers waiting for one key, its
+    loader could never get one. A separate pool (opened on demand, usually one
+    connection, closed when the application's engine is disposed) cannot be
+    exhausted by the application. An in-memory SQLite database lives in its one
+    connection, so it is shared.
+    """
+    if isinstance(engine.pool, (sa.pool.StaticPool, sa.pool.SingletonThreadPool)) or (
+        engine.dialect.name == "sqlite" and engine.url.database in (None, "", ":memory:")
+    ):
+        return engine
+    return Engine(
+        engine.pool.recreate(),
+        engine.dialect,
+        engine.url,
+        logging_name="sqlalchemy_envelope.keyring",
+        hide_parameters=True,
+    )
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
@@ -99,9 +122,20 @@ class Keyring:
 
     def __init__(self, table: sa.Table, engine: Engine | AsyncEngine) -> None:
         self.table = table
+        #: The engine ``configure`` was given (under asyncio, an ``AsyncEngine``).
+        self.app_engine = engine
         # Under asyncio the synchronous facade is driven from SQLAlchemy's
         # greenlet, so keyring I/O yields to the event loop like any statement.
-        self.engine: Engine = sync_engine(engine)
+        self.data_engine: Engine = sync_engine(engine)
+        self.engine: Engine = _own_pool(self.data_engine)
+        if self.engine is not self.data_engine:
+            # The application disposing of its engine closes the keyring's pool too.
+            sa.event.listen(self.data_engine, "engine_disposed", lambda _: self.dispose())
+
+    def dispose(self) -> None:
+        """Close the keyring's own connections (not the application's)."""
+        if self.engine is not self.data_engine:
+            self.engine.dispose()
 
     def __repr__(self) -> str:
         return f"Keyring(table={self.table.name!r}, engine={self.engine.url!r})"

@@ -88,7 +88,7 @@ def rewrap(
                 )
         if progress is not None:
             progress(done, len(rows))
-    envelope.configure(kms=kms, engine=manager.keyring.engine)
+    envelope.configure(kms=kms, engine=manager.keyring.app_engine)
     log.info(
         "re-wrap finished: %d of %d data keys moved; the envelope now uses %r",
         moved,
@@ -109,7 +109,7 @@ def destroy(envelope: Envelope, key_id: int, *, force: bool = False) -> None:
         log.info("data key %d of scope %r was already destroyed", key_id, row.scope)
         return
     if not force:
-        users = usage(keyring.engine, key_id)
+        users = usage(keyring.data_engine, key_id)
         if users:
             where = ", ".join(f"{t}.{c} ({n})" for (t, c), n in sorted(users.items()))
             raise KeyInUseError(
