@@ -113,6 +113,10 @@ def _own_pool(engine: Engine) -> Engine:
     )
 
 
+#: How often a rotation that lost a race re-reads the active key before giving up.
+_ROTATE_ATTEMPTS = 10
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
@@ -213,17 +217,26 @@ class Keyring:
     ) -> tuple[KeyRow, int | None]:
         """Retire the scope's active key (if any) and insert a new one, atomically."""
         t = self.table
-        with self.begin() as conn:
-            old = conn.execute(
-                sa.select(t.c.id).where(t.c.active_scope == scope).with_for_update()
-            ).scalar()
-            if old is not None:
-                conn.execute(
-                    t.update()
-                    .where(t.c.id == old)
-                    .values(state=RETIRED, active_scope=None, retired_at=_now())
-                )
-            return self._insert_active(conn, scope, wrapped, kms_key_id), old
+        for attempt in range(_ROTATE_ATTEMPTS):
+            try:
+                with self.begin() as conn:
+                    old = conn.execute(
+                        sa.select(t.c.id).where(t.c.active_scope == scope).with_for_update()
+                    ).scalar()
+                    if old is not None:
+                        conn.execute(
+                            t.update()
+                            .where(t.c.id == old)
+                            .values(state=RETIRED, active_scope=None, retired_at=_now())
+                        )
+                    return self._insert_active(conn, scope, wrapped, kms_key_id), old
+            except sa.exc.IntegrityError:
+                # A concurrent rotation (or first key) made its key active between our
+                # read and our insert (Postgres re-checks a row it waited for, finds it
+                # retired, and returns none): read again and retire that one.
+                if attempt == _ROTATE_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     def _insert_active(
         self, conn: Connection, scope: str, wrapped: bytes, kms_key_id: str
