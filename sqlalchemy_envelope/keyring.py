@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from . import _runtime
+
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -138,8 +140,16 @@ class Keyring:
 
     def dispose(self) -> None:
         """Close the keyring's own connections (not the application's)."""
-        if self.engine is not self.data_engine:
-            self.engine.dispose()
+        if self.engine is self.data_engine:
+            return
+        if self.engine.dialect.is_async and not _runtime.in_greenlet():
+            # Plain code (say ``configure`` again, from a coroutine) cannot await an
+            # asyncio connection's close: drop them, as the pool would after failing
+            # (and logging an error) to close them. ``await engine.dispose()``
+            # closes them properly.
+            self.engine.dispose(close=False)
+            return
+        self.engine.dispose()
 
     def __repr__(self) -> str:
         return f"Keyring(table={self.table.name!r}, engine={self.engine.url!r})"

@@ -1,0 +1,224 @@
+"""asyncio: AsyncSession and AsyncConnection round trips; a KMS call never blocks the loop.
+
+The KMS provider here is LocalKms behind a deliberately blocking ``time.sleep``
+(a slow network call): while it runs, a ticker task on the same loop must keep
+ticking every 10 ms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import os
+import threading
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+
+from sqlalchemy_envelope import KmsError, LocalKms
+from sqlalchemy_envelope.kms.base import GeneratedKey
+
+from .attack import SwitchableKms
+from .models import App, build
+
+DELAY = 0.3
+TICK = 0.01
+MAX_GAP = 0.1  # a blocked loop would show a gap of at least DELAY
+
+
+class SlowKms(SwitchableKms):
+    """LocalKms whose calls block their thread for ``DELAY`` seconds, recording where they ran."""
+
+    def __init__(self, inner: LocalKms) -> None:
+        super().__init__(inner)
+        self.threads: list[int] = []
+        self.scopes: list[str] = []
+
+    def _slow(self, context: Mapping[str, str]) -> None:
+        self.threads.append(threading.get_ident())
+        self.scopes.extend(context.values())
+        time.sleep(DELAY)  # a blocking call, as boto3's are
+
+    def generate_data_key(self, context: Mapping[str, str]) -> GeneratedKey:
+        self._slow(context)
+        return super().generate_data_key(context)
+
+    def unwrap(self, wrapped: bytes, context: Mapping[str, str], kms_key_id: str) -> bytes:
+        self._slow(context)
+        return super().unwrap(wrapped, context, kms_key_id)
+
+
+class Ticker:
+    """A task that ticks every 10 ms and remembers the longest gap between ticks."""
+
+    def __init__(self) -> None:
+        self.max_gap = 0.0
+        self.ticks = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(TICK)
+            now = time.monotonic()
+            self.max_gap = max(self.max_gap, now - last)
+            self.ticks += 1
+            last = now
+
+    async def __aenter__(self) -> Ticker:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        await asyncio.sleep(0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def async_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'async.db'}"
+    url = sa.make_url(request.getfixturevalue("pg_url"))
+    return url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+
+
+World = tuple[App, AsyncEngine, SlowKms]
+
+
+def run(url: str, body: Callable[[App, AsyncEngine, SlowKms], Awaitable[None]]) -> None:
+    """Set up, run ``body`` and tear down, all on one event loop."""
+
+    async def main() -> None:
+        app = build()
+        engine = create_async_engine(url)
+        try:
+            async with engine.begin() as conn:
+                await conn.run_sync(app.Base.metadata.create_all)
+            kms = SlowKms(LocalKms(os.urandom(32)))
+            app.envelope.configure(kms=kms, engine=engine)
+            await body(app, engine, kms)
+        finally:
+            await engine.dispose()  # closes the keyring's own pool too
+
+    asyncio.run(main())
+
+
+WHEN = dt.datetime(2024, 5, 1, 9, 30, tzinfo=dt.timezone(dt.timedelta(hours=-4)))
+
+
+async def add_patient(app: App, engine: AsyncEngine, n: int) -> None:
+    async with AsyncSession(engine) as s:
+        p = app.Patient(id=n, name=f"async-{n}", email=f"{n}@async.org", notes={"n": n})
+        p.visits.append(app.Visit(reason=f"reason-{n}", at=WHEN))
+        s.add(p)
+        await s.commit()
+
+
+def test_orm_async_session_round_trip(async_url: str) -> None:
+    async def main(app: App, engine: AsyncEngine, kms: SlowKms) -> None:
+        await add_patient(app, engine, 1)
+        app.envelope.configure(kms=kms, engine=engine)  # cold: keys load inside the greenlet
+        async with AsyncSession(engine) as s:
+            p = (await s.scalars(sa.select(app.Patient))).one()  # visits: selectin
+            assert (p.name, p.email, p.notes) == ("async-1", "1@async.org", {"n": 1})
+            assert p.visits[0].reason == "reason-1" and p.visits[0].at == WHEN
+            found = await s.scalars(
+                sa.select(app.Patient.id).where(app.Patient.email == "1@async.org")
+            )
+            assert found.all() == [1]
+
+    run(async_url, main)
+
+
+def test_core_async_connection_results_decrypt(async_url: str) -> None:
+    async def main(app: App, engine: AsyncEngine, kms: SlowKms) -> None:
+        patients = app.Patient.__table__
+        await add_patient(app, engine, 1)
+        await add_patient(app, engine, 2)
+        app.envelope.configure(kms=kms, engine=engine)  # cold again
+        async with engine.connect() as conn:
+            rows = (await conn.execute(sa.select(patients).order_by(patients.c.id))).all()
+            assert [(r.name, r.email) for r in rows] == [
+                ("async-1", "1@async.org"),
+                ("async-2", "2@async.org"),
+            ]
+            result = await conn.stream(sa.select(patients.c.name).order_by(patients.c.id))
+            assert [r.name async for r in result] == ["async-1", "async-2"]
+
+    run(async_url, main)
+
+
+def test_kms_calls_do_not_block_the_event_loop(async_url: str) -> None:
+    async def main(app: App, engine: AsyncEngine, kms: SlowKms) -> None:
+        patients = app.Patient.__table__
+        loop_thread = threading.get_ident()
+        async with Ticker() as ticker:  # the first key of each scope: GenerateDataKey
+            started = time.monotonic()
+            await add_patient(app, engine, 1)
+            assert time.monotonic() - started >= DELAY
+        assert ticker.max_gap < MAX_GAP, f"the loop stalled for {ticker.max_gap:.3f}s"
+        assert kms.threads and loop_thread not in kms.threads
+
+        app.envelope.configure(kms=kms, engine=engine)  # cold: Decrypt on the next read
+        kms.threads.clear()
+        async with Ticker() as ticker:
+            started = time.monotonic()
+            async with AsyncSession(engine) as s:
+                assert (await s.get(app.Patient, 1)).name == "async-1"  # type: ignore[union-attr]
+            async with engine.connect() as conn:
+                app.envelope.configure(kms=kms, engine=engine)
+                assert (await conn.execute(sa.select(patients.c.ssn, patients.c.name))).one().name
+            assert time.monotonic() - started >= 2 * DELAY
+        assert ticker.max_gap < MAX_GAP, f"the loop stalled for {ticker.max_gap:.3f}s"
+        assert ticker.ticks >= int(2 * DELAY / TICK) // 2
+        assert kms.threads and loop_thread not in kms.threads
+
+    run(async_url, main)
+
+
+def test_concurrent_cold_reads_share_one_unwrap(async_url: str) -> None:
+    async def main(app: App, engine: AsyncEngine, kms: SlowKms) -> None:
+        async def read(n: int) -> str:
+            async with AsyncSession(engine) as s:
+                p = await s.get(app.Patient, 1)
+                assert p is not None
+                return str(p.name)
+
+        await add_patient(app, engine, 1)
+        app.envelope.configure(kms=kms, engine=engine)
+        kms.scopes.clear()
+        async with Ticker() as ticker:
+            names = await asyncio.gather(*(read(n) for n in range(8)))
+        assert names == ["async-1"] * 8
+        assert ticker.max_gap < MAX_GAP
+        # One Decrypt per key the reads need (patients', and visits' for the selectin
+        # load), not one per task.
+        assert sorted(kms.scopes) == ["patients", "visits"]
+
+    run(async_url, main)
+
+
+def test_async_kms_outage_fails_closed(async_url: str) -> None:
+    async def main(app: App, engine: AsyncEngine, kms: SlowKms) -> None:
+        await add_patient(app, engine, 1)
+        kms.failure = KmsError("down", code="ServiceUnavailable")
+        app.envelope.configure(kms=kms, engine=engine)
+        with pytest.raises(KmsError):
+            await add_patient(app, engine, 2)
+        with pytest.raises(KmsError):
+            async with AsyncSession(engine) as s:
+                await s.get(app.Patient, 1)
+        kms.failure = None
+        async with engine.connect() as conn:
+            ids = (await conn.execute(sa.text("SELECT id FROM patients"))).scalars().all()
+        assert ids == [1]
+
+    run(async_url, main)
