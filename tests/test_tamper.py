@@ -190,6 +190,14 @@ def test_replay_of_an_old_value_of_the_same_row_is_not_detected(db: Db) -> None:
     assert db.read_orm(1)["ssn"] == ALICE["ssn"]
 
 
+def test_nulling_a_value_is_not_detected(db: Db) -> None:
+    # NULL is stored as SQL NULL, unencrypted: an attacker can erase a value unnoticed.
+    t = sa.table("patients", sa.column("id"), sa.column("ssn"))
+    with db.engine.begin() as conn:
+        conn.execute(t.update().where(t.c.id == 1).values(ssn=None))
+    assert db.read_orm(1)["ssn"] is None
+
+
 def test_replay_after_rotation_is_not_detected(db: Db) -> None:
     # Retired keys stay readable, so a value from before a rotation replays too.
     old = db.raw("patients", "ssn", 1)
