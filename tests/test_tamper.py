@@ -17,7 +17,14 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from sqlalchemy_envelope import DecryptionError, KeyNotFoundError, LocalKms, wire
+from sqlalchemy_envelope import (
+    DecryptionError,
+    Encrypted,
+    Envelope,
+    KeyNotFoundError,
+    LocalKms,
+    wire,
+)
 
 from .attack import ALICE, BOB, WHEN, Db, outcome, populate
 from .models import build
@@ -278,3 +285,41 @@ def test_deterministic_lookup_does_not_match_a_foreign_value(
     with Session(db.engine) as s:
         stmt = sa.select(db.app.Patient.id).where(db.app.Patient.email == ALICE["email"])
         assert s.scalars(stmt).all() == [1]
+
+
+def test_move_between_schemas_of_one_keyring_is_not_detected(
+    pg_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    # NOT detected: the associated data names the table without its schema. Two schemas
+    # with a table of the same name, sharing one envelope, share the names that are bound.
+    metadata = sa.MetaData()
+    envelope = Envelope(metadata)
+    suffix = uuid.uuid4().hex[:8]
+    tables = {
+        schema: sa.Table(
+            "patients",
+            metadata,
+            sa.Column("id", sa.Integer, primary_key=True),
+            sa.Column("ssn", Encrypted(sa.String(11), envelope)),
+            schema=schema,
+        )
+        for schema in (f"tenant_a_{suffix}", f"tenant_b_{suffix}")
+    }
+    a, b = tables
+    engine = make_engine(pg_url)
+    with engine.begin() as conn:
+        for schema in tables:
+            conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    try:
+        metadata.create_all(engine)
+        envelope.configure(kms=local_kms, engine=engine)
+        with engine.begin() as conn:
+            conn.execute(tables[a].insert().values(id=1, ssn="111-11-1111"))
+            conn.execute(tables[b].insert().values(id=1, ssn="222-22-2222"))
+            conn.execute(sa.text(f"UPDATE {b}.patients SET ssn = (SELECT ssn FROM {a}.patients)"))
+            moved = conn.execute(sa.select(tables[b].c.ssn)).scalar_one()
+        assert moved == "111-11-1111"
+    finally:
+        with engine.begin() as conn:
+            for schema in tables:
+                conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
