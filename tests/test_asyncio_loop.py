@@ -26,9 +26,9 @@ from sqlalchemy_envelope.kms.base import GeneratedKey
 from .attack import SwitchableKms
 from .models import App, build
 
-DELAY = 0.3
+DELAY = 0.4
 TICK = 0.01
-MAX_GAP = 0.1  # a blocked loop would show a gap of at least DELAY
+MAX_GAP = 0.2  # a blocked loop would show a gap of at least DELAY (0.4 s)
 
 
 class SlowKms(SwitchableKms):
