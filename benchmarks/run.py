@@ -70,6 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--economy-rows", type=int, default=10_000, help="rows per table for the KMS economy run"
     )
+    p.add_argument(
+        "--hotpath",
+        action="store_true",
+        help="also time the bind and result processors alone against the raw cipher",
+    )
     p.add_argument("--no-economy", action="store_true", help="skip the KMS economy run")
     p.add_argument("--migration", action="store_true", help="also time the batch jobs (Postgres)")
     p.add_argument(
@@ -165,6 +170,14 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(report.table(label, summary, medians, rows=args.rows, repeat=args.repeat), flush=True)
         report.write_json(json_path, payload)  # a long run keeps what it has measured
+
+    if args.hotpath:
+        from benchmarks import hotpath
+
+        log("hot path alone")
+        payload["hotpath_us"] = hotpath.measure(rounds=3 if args.smoke else 60)
+        print()
+        print(hotpath.text(payload["hotpath_us"]), flush=True)
 
     if not args.no_economy:
         log("KMS economy")

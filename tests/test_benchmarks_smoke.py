@@ -48,10 +48,11 @@ def _run(*args: str, out: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_smoke_run_prints_the_table(tmp_path: Path) -> None:
-    done = _run(out=tmp_path)
+    done = _run("--hotpath", out=tmp_path)
     out = done.stdout
     assert "SQLite (in memory)" in out
     assert "raw cipher (the floor)" in out
+    assert "Hot path alone" in out
     for label in PATHS + SYSTEMS:
         assert label in out
     assert "÷ cipher" in out and "x plain" in out
