@@ -15,8 +15,8 @@ from alembic.autogenerate.rewriter import Rewriter
 from alembic.operations import ops
 from alembic.runtime.migration import MigrationContext
 
-from .claims import jobs_table_name
 from .column import Encrypted
+from .jobs.claims import jobs_table_name
 from .migration_ops import (
     DEFAULT_TABLE,
     ColumnOp,

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from sqlalchemy_envelope import ConfigurationError, Encrypted, Envelope, LocalKms, wire
 from sqlalchemy_envelope.jobs import reencrypt, verify
-from sqlalchemy_envelope.reports import KEY_DESTROYED, NOT_AUTHENTIC
+from sqlalchemy_envelope.jobs.reports import KEY_DESTROYED, NOT_AUTHENTIC
 
 from .models import App, Color, build
 

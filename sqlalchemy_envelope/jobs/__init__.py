@@ -4,7 +4,7 @@ They work on stored bytes with a :class:`~sqlalchemy_envelope.crypter.ColumnCryp
 (no codecs), so they need nothing but the database and the KMS. Each job walks
 the table in primary-key order (keyset pagination), one transaction per
 batch, holding one batch in memory. ``distributed=True`` lets several workers
-share one table through claimed key ranges (see :mod:`sqlalchemy_envelope.claims`).
+share one table through claimed key ranges (see :mod:`sqlalchemy_envelope.jobs.claims`).
 Progress is logged at INFO on the ``sqlalchemy_envelope`` logger with scopes,
 key ids and counts, never values.
 """
@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from . import wire
+from .. import wire
+from ..crypter import Cipher
+from ..errors import DecryptionError, KeyDestroyedError, KeyNotFoundError
 from .batches import (
     Key,
     Progress,
@@ -30,9 +32,7 @@ from .batches import (
     walk,
 )
 from .claims import SharedJob, job_name, jobs_table, jobs_table_name
-from .crypter import Cipher
 from .discovery import Target, resolve
-from .errors import DecryptionError, KeyDestroyedError, KeyNotFoundError
 from .inplace import decrypt_column, encrypt_column, reencrypt_column
 from .reports import (
     KEY_DESTROYED,
@@ -45,7 +45,7 @@ from .reports import (
 )
 
 if TYPE_CHECKING:
-    from .envelope import Envelope
+    from ..envelope import Envelope
 
 __all__ = [
     "ColumnJobReport",

@@ -41,7 +41,7 @@ def check_batch_size(batch_size: int) -> int:
 def connect(bind: Engine | Connection) -> Iterator[Connection]:
     """A connection on which the job may begin and commit one transaction per batch."""
     if isinstance(bind, (Engine, Connection)) and bind.dialect.is_async:
-        from .errors import ConfigurationError
+        from ..errors import ConfigurationError
 
         raise ConfigurationError(
             "batch jobs run synchronously: pass bind= an Engine with a synchronous driver "
@@ -62,7 +62,7 @@ def connect(bind: Engine | Connection) -> Iterator[Connection]:
 
 
 def primary_key(table: sa.Table) -> list[sa.Column[Any]]:
-    from .errors import ConfigurationError
+    from ..errors import ConfigurationError
 
     pk = list(table.primary_key.columns)
     if not pk:

@@ -33,7 +33,7 @@ from sqlalchemy.engine import Connection
 from .batches import Key, boundaries, dump_key, load_key
 
 if TYPE_CHECKING:
-    from .envelope import Envelope
+    from ..envelope import Envelope
 
 log = logging.getLogger("sqlalchemy_envelope")
 

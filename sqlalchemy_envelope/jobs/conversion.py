@@ -3,7 +3,7 @@
 The column is never altered while it holds data. A shadow column is added
 beside it, filled in batches (one transaction each, in primary-key order) by
 reading every value through one type and writing it through another, then
-swapped in (:mod:`sqlalchemy_envelope.swap`). The shadow is named after the
+swapped in (:mod:`sqlalchemy_envelope.jobs.swap`). The shadow is named after the
 direction, ``<column>__envelope`` when encrypting and
 ``<column>__envelope_plain`` when decrypting, so the state of an interrupted
 run can be read from the schema alone:
@@ -29,7 +29,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.schema import CreateColumn
 
-from . import wire
+from .. import wire
+from ..errors import ConfigurationError
 from .batches import (
     Key,
     Progress,
@@ -42,12 +43,11 @@ from .batches import (
     walk,
 )
 from .claims import SharedJob, jobs_table, jobs_table_name
-from .errors import ConfigurationError
 from .reports import ColumnJobReport
 from .swap import swap
 
 if TYPE_CHECKING:
-    from .envelope import Envelope
+    from ..envelope import Envelope
 
 log = logging.getLogger("sqlalchemy_envelope")
 

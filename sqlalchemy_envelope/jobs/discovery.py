@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import wire
+from .. import wire
+from ..column import Encrypted
+from ..crypter import ColumnCrypter
+from ..errors import ConfigurationError
 from .batches import primary_key
-from .column import Encrypted
-from .crypter import ColumnCrypter
-from .errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from .envelope import Envelope
+    from ..envelope import Envelope
 
 log = logging.getLogger("sqlalchemy_envelope")
 

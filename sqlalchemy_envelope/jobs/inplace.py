@@ -3,7 +3,7 @@
 Both read every value through the column's *application* type (so a Decimal
 keeps its digits, a date stays a date, JSON stays JSON) and write it through
 the target type, into a shadow column that is swapped in at the end; see
-:mod:`sqlalchemy_envelope.conversion` for how an interrupted run resumes.
+:mod:`sqlalchemy_envelope.jobs.conversion` for how an interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from ..column import Encrypted
 from .batches import Progress
-from .column import Encrypted
 from .conversion import DECRYPTING, ENCRYPTING, Conversion
 from .reports import ColumnJobReport, ReencryptReport
 
 if TYPE_CHECKING:
-    from .envelope import Envelope
+    from ..envelope import Envelope
 
 __all__ = ["decrypt_column", "encrypt_column", "reencrypt_column"]
 
@@ -106,7 +106,7 @@ def reencrypt_column(
     distributed: bool = False,
 ) -> ReencryptReport:
     """Move one column's values to its scope's active key (see ``jobs.reencrypt``)."""
-    from .jobs import reencrypt
+    from . import reencrypt
 
     return reencrypt(
         envelope, table_name, batch_size=batch_size, progress=progress, columns=[column_name],
