@@ -221,7 +221,7 @@ def test_replay_after_rotation_is_not_detected(db: Db) -> None:
 # -- values from another database's keyring ----------------------------------------------
 @pytest.fixture
 def other_url(request: pytest.FixtureRequest, db: Db, tmp_path: Any) -> Iterator[str]:
-    """A second, empty database of the same kind as ``db``."""
+    """A second, empty database: a SQLite file beside a SQLite ``db``, else a Postgres schema."""
     if db.engine.dialect.name == "sqlite":
         yield f"sqlite:///{tmp_path / 'other.db'}"
         return
