@@ -1,10 +1,10 @@
 """Transparent field-level envelope encryption for SQLAlchemy 2.x.
 
-    envelope = Envelope(Base.metadata)
-    class Patient(Base):
-        ...
-        ssn: Mapped[str | None] = mapped_column(Encrypted(sa.String(11), envelope))
-    envelope.configure(kms=AwsKms("alias/app-pii"), engine=engine)
+envelope = Envelope(Base.metadata)
+class Patient(Base):
+    ...
+    ssn: Mapped[str | None] = mapped_column(Encrypted(sa.String(11), envelope))
+envelope.configure(kms=AwsKms("alias/app-pii"), engine=engine)
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ NONCE_BYTES: Final = 12
 TAG_BYTES: Final = 16
 SIV_BYTES: Final = 16
 KEY_BYTES: Final = 32
+SIV_KEY_BYTES: Final = 64  # AES-SIV with AES-256 for both of its halves
 
 random_bytes = os.urandom
 
@@ -51,10 +52,6 @@ class RandomizedAead:
         nonce = random_bytes(NONCE_BYTES)
         return nonce + self._aead.encrypt(nonce, plaintext, aad)
 
-    def seal_with_nonce(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
-        """For test vectors only: the caller chooses the nonce."""
-        return nonce + self._aead.encrypt(nonce, plaintext, aad)
-
     def open(self, sealed: bytes, aad: bytes, offset: int = 0) -> bytes:
         """Open ``sealed[offset:]``."""
         if len(sealed) - offset < NONCE_BYTES + TAG_BYTES:
@@ -66,38 +63,13 @@ class RandomizedAead:
             raise AuthenticationFailed from None
 
 
-class DeterministicAead:
-    """AES-SIV with a 512-bit key (AES-256 for both halves); ``seal`` returns ``siv || ciphertext``."""
-
-    __slots__ = ("_aead",)
-
-    KEY_BYTES: Final = 64
-
-    def __init__(self, key: bytes) -> None:
-        if len(key) != self.KEY_BYTES:
-            raise ValueError("AES-SIV-512 needs a 64-byte key")
-        self._aead = AESSIV(key)
-
-    def __repr__(self) -> str:
-        return "DeterministicAead(<key redacted>)"
-
-    def seal(self, plaintext: bytes, aad: bytes) -> bytes:
-        return self._aead.encrypt(plaintext, [aad])
-
-    def open(self, sealed: bytes, aad: bytes, offset: int = 0) -> bytes:
-        if len(sealed) - offset < SIV_BYTES:
-            raise AuthenticationFailed
-        try:
-            return self._aead.decrypt(sealed[offset:] if offset else sealed, [aad])
-        except InvalidTag:
-            raise AuthenticationFailed from None
-
-
 Seal = Callable[[bytes], bytes]
 Open = Callable[[bytes], bytes]
 
 
-def column_cipher(deterministic: bool, data_key: bytes, info: bytes, aad: bytes, offset: int) -> tuple[Seal, Open]:
+def column_cipher(
+    deterministic: bool, data_key: bytes, info: bytes, aad: bytes, offset: int
+) -> tuple[Seal, Open]:
     """``(seal, open)`` closures for one column under one data key.
 
     The sub-key is derived from ``data_key`` with HKDF under ``info``. ``seal``
@@ -106,7 +78,7 @@ def column_cipher(deterministic: bool, data_key: bytes, info: bytes, aad: bytes,
     ``aad``. Built once per key and column, so the per-value path is one call.
     """
     if deterministic:
-        siv = AESSIV(derive_key(data_key, info, DeterministicAead.KEY_BYTES))
+        siv = AESSIV(derive_key(data_key, info, SIV_KEY_BYTES))
         siv_encrypt, siv_decrypt, aad_list = siv.encrypt, siv.decrypt, [aad]
 
         def seal_siv(plaintext: bytes) -> bytes:
@@ -139,6 +111,8 @@ def column_cipher(deterministic: bool, data_key: bytes, info: bytes, aad: bytes,
     return seal_gcm, open_gcm
 
 
-def gcm_seal_with_nonce(data_key: bytes, info: bytes, aad: bytes, nonce: bytes, plaintext: bytes) -> bytes:
+def gcm_seal_with_nonce(
+    data_key: bytes, info: bytes, aad: bytes, nonce: bytes, plaintext: bytes
+) -> bytes:
     """Randomized sealing with a chosen nonce: for known-answer test vectors only."""
     return nonce + AESGCM(derive_key(data_key, info, KEY_BYTES)).encrypt(nonce, plaintext, aad)

@@ -125,7 +125,9 @@ class Encrypted(TypeDecorator[Any]):
             # A unique index on MySQL needs a bounded VARBINARY; other values may be long.
             length = getattr(self.inner_type, "length", None)
             if self.deterministic and isinstance(length, int):
-                return dialect.type_descriptor(sa.VARBINARY(4 * length + wire.OVERHEAD[wire.DETERMINISTIC]))
+                return dialect.type_descriptor(
+                    sa.VARBINARY(4 * length + wire.OVERHEAD[wire.DETERMINISTIC])
+                )
             return dialect.type_descriptor(mysql.LONGBLOB())
         return dialect.type_descriptor(sa.LargeBinary())
 
@@ -237,14 +239,17 @@ class Encrypted(TypeDecorator[Any]):
                 stats.cache_hits += 1
             try:
                 return decode(cipher.open(value))
-            except Exception:  # AuthenticationFailed, or authenticated yet not of this type
-                pass
+            except Exception:  # noqa: S110 - AuthenticationFailed, or authentic yet not of this type:
+                pass  # raised below, outside the handler, so no decoder message (it may quote
+                # the plaintext) rides along as __context__
             raise DecryptionError(
                 f"{crypter.where(cipher.key_id)}: the stored value did not authenticate "
                 "(tampered, truncated, moved from another column, or foreign)"
             )
 
-        return self._then(process, self.impl_instance.result_processor(dialect, coltype), first=False)
+        return self._then(
+            process, self.impl_instance.result_processor(dialect, coltype), first=False
+        )
 
     @staticmethod
     def _then(

@@ -32,7 +32,13 @@ class Cipher(NamedTuple):
 
 class ColumnCrypter:
     def __init__(
-        self, envelope: Envelope, table: str, column: str, *, scope: str | None = None, deterministic: bool
+        self,
+        envelope: Envelope,
+        table: str,
+        column: str,
+        *,
+        scope: str | None = None,
+        deterministic: bool,
     ) -> None:
         self.envelope = envelope
         self.table = table
@@ -92,7 +98,9 @@ class ColumnCrypter:
             return cipher
         parsed = wire.parse_header(value)
         if parsed is None:
-            raise DecryptionError(f"{self.where()}: the stored value is not a valid encrypted value")
+            raise DecryptionError(
+                f"{self.where()}: the stored value is not a valid encrypted value"
+            )
         algorithm, key_id = parsed
         expires, key = self.envelope._keys().data_key(key_id)
         return self._cipher(algorithm, key, expires)
