@@ -26,9 +26,9 @@ from sqlalchemy_envelope.kms.base import GeneratedKey
 from .attack import SwitchableKms
 from .models import App, build
 
-DELAY = 0.4
+DELAY = 1.0
 TICK = 0.01
-MAX_GAP = 0.2  # a blocked loop would show a gap of at least DELAY (0.4 s)
+MAX_GAP = 0.6  # a blocked loop shows a gap of at least DELAY; a busy CI machine ~0.35 s
 
 
 class SlowKms(SwitchableKms):
