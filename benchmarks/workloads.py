@@ -175,7 +175,12 @@ def orm_insert(db: Database, system: System, rows: list[dict[str, str]]) -> floa
     db.clear(db.schema.tables[system.key])
     objects = [model(**row) for row in rows]  # built untimed: the same for every system
     with Session(db.engine) as session:
-        elapsed, _ = _timed(lambda: (session.add_all(objects), session.flush()))
+
+        def work() -> None:
+            session.add_all(objects)
+            session.flush()
+
+        elapsed, _ = _timed(work)
         session.commit()
     return elapsed
 
@@ -226,14 +231,16 @@ def run_paths(
         per_cipher: dict[str, list[float]] = {"gcm": [], "siv": []}
         for rep in range(repeat):
             for system in todo:
-                if path in ("core_insert", "orm_insert"):
-                    fn = core_insert if path == "core_insert" else orm_insert
-                    elapsed = fn(db, system, data)
+                if path == "core_insert":
+                    elapsed = core_insert(db, system, data)
+                elif path == "orm_insert":
+                    elapsed = orm_insert(db, system, data)
                 elif path == "lookup":
                     elapsed = lookup(db, system, emails)
+                elif path == "core_select":
+                    elapsed = core_select(db, system, rows)
                 else:
-                    fn = core_select if path == "core_select" else orm_select
-                    elapsed = fn(db, system, rows)
+                    elapsed = orm_select(db, system, rows)
                 per_system[system.key].append(elapsed)
             for algorithm in per_cipher:
                 per_cipher[algorithm].append(
