@@ -9,7 +9,8 @@ offline (``--sql``) mode.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import sqlalchemy as sa
@@ -268,45 +269,44 @@ class ReencryptColumnOp(ColumnOp):
         )
 
 
+@contextmanager
+def _batch_job(
+    operations: Operations, name: str, envelope: Envelope | None
+) -> Iterator[tuple[Envelope, sa.Engine]]:
+    """The envelope and engine of a batch operation, outside the migration's transaction."""
+    context = operations.get_context()
+    _online(context, name)
+    found = _configured(find_envelope(context, envelope))
+    with context.autocommit_block():
+        yield found, _engine(context)
+
+
 @Operations.implementation_for(EncryptColumnOp)
 def _encrypt_column(operations: Operations, op: EncryptColumnOp) -> None:
-    context = operations.get_context()
-    _online(context, "encrypt_column")
-    envelope = _configured(find_envelope(context, op.envelope))
-    with context.autocommit_block():
+    with _batch_job(operations, "encrypt_column", op.envelope) as (envelope, engine):
         jobs.encrypt_column(
-            envelope, _engine(context), op.table_name, op.column_name, op.type_,
+            envelope, engine, op.table_name, op.column_name, op.type_,
             batch_size=op.batch_size, schema=op.schema,
         )  # fmt: skip
 
 
 @Operations.implementation_for(DecryptColumnOp)
 def _decrypt_column(operations: Operations, op: DecryptColumnOp) -> None:
-    context = operations.get_context()
-    _online(context, "decrypt_column")
-    envelope = _configured(find_envelope(context, op.envelope))
-    with context.autocommit_block():
+    with _batch_job(operations, "decrypt_column", op.envelope) as (envelope, engine):
         jobs.decrypt_column(
-            envelope, _engine(context), op.table_name, op.column_name, op.type_,
+            envelope, engine, op.table_name, op.column_name, op.type_,
             batch_size=op.batch_size, schema=op.schema,
         )  # fmt: skip
 
 
 @Operations.implementation_for(ReencryptColumnOp)
 def _reencrypt_column(operations: Operations, op: ReencryptColumnOp) -> None:
-    context = operations.get_context()
-    _online(context, "reencrypt_column")
-    envelope = _configured(find_envelope(context, op.envelope))
     table: Any = op.table_name
     if op.schema is not None:
         table = sa.Table(op.table_name, sa.MetaData(), schema=op.schema)
-    with context.autocommit_block():
+    with _batch_job(operations, "reencrypt_column", op.envelope) as (envelope, engine):
         jobs.reencrypt(
-            envelope,
-            table,
-            columns=[op.column_name],
-            batch_size=op.batch_size,
-            bind=_engine(context),
+            envelope, table, columns=[op.column_name], batch_size=op.batch_size, bind=engine
         )
 
 
