@@ -113,21 +113,13 @@ def _date() -> Codec:
     return Codec(encode, lambda b: dt.date.fromisoformat(b.decode()), "datetime.date")
 
 
-def _datetime() -> Codec:
-    is_datetime = _check(dt.datetime, "datetime")
+def _iso(kind: type[dt.datetime] | type[dt.time]) -> Codec:
+    """datetime and time: ISO 8601 text, which keeps microseconds and the UTC offset."""
+    is_kind = _check(kind, kind.__name__)
     return Codec(
-        lambda v: is_datetime(v).isoformat().encode(),
-        lambda b: dt.datetime.fromisoformat(b.decode()),
-        "datetime.datetime",
-    )
-
-
-def _time() -> Codec:
-    is_time = _check(dt.time, "time")
-    return Codec(
-        lambda v: is_time(v).isoformat().encode(),
-        lambda b: dt.time.fromisoformat(b.decode()),
-        "datetime.time",
+        lambda v: is_kind(v).isoformat().encode(),
+        lambda b: kind.fromisoformat(b.decode()),
+        f"datetime.{kind.__name__}",
     )
 
 
@@ -207,11 +199,11 @@ def codec_for(inner: sa.types.TypeEngine[Any], dialect: Dialect | None = None) -
     if isinstance(inner, sa.Boolean):
         return _boolean()
     if isinstance(inner, sa.DateTime):
-        return _datetime()
+        return _iso(dt.datetime)
     if isinstance(inner, sa.Date):
         return _date()
     if isinstance(inner, sa.Time):
-        return _time()
+        return _iso(dt.time)
     if isinstance(inner, sa.JSON):
         return _json()
     if isinstance(inner, sa.Uuid):
