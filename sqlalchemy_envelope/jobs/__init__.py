@@ -22,13 +22,13 @@ from .. import wire
 from ..crypter import Cipher
 from ..errors import DecryptionError, KeyDestroyedError, KeyNotFoundError
 from .batches import (
-    BatchWrite,
     Key,
     Progress,
     Ticker,
     check_batch_size,
     connect,
     count,
+    execute_counted,
     walk,
 )
 from .claims import SharedJob, job_name, jobs_table, jobs_table_name
@@ -213,8 +213,11 @@ class _Rewriter:
         self.active: dict[str, Cipher] = {}
         self.failed: set[int] = set()
         t, pk = target.table, target.pk
-        self.writes = {
-            name: BatchWrite(t, pk, t.c[name], sa.LargeBinary(), guard=t.c[name])
+        self.updates = {
+            name: t.update()
+            .where(*(c == sa.bindparam(f"_env_k{i}", type_=c.type) for i, c in enumerate(pk)))
+            .where(t.c[name] == sa.bindparam("_env_old", type_=sa.LargeBinary))
+            .values({name: sa.bindparam("_env_new", type_=sa.LargeBinary)})
             for name in target.crypters
         }
 
@@ -229,9 +232,7 @@ class _Rewriter:
         offset = len(self.target.pk)
         for i, (name, crypter) in enumerate(self.target.crypters.items(), offset):
             active = self.active[name]
-            keys: list[Key] = []
-            olds: list[bytes] = []
-            news: list[bytes] = []
+            params = []
             for row in rows:
                 value = row[i]
                 if value is None:
@@ -256,13 +257,14 @@ class _Rewriter:
                 except DecryptionError:
                     self.report.unreadable += 1
                     continue
-                keys.append(tuple(row[:offset]))
-                olds.append(value)
-                news.append(active.head + active.seal(plaintext))
-            if keys:
-                written = self.writes[name](self.conn, keys, news, olds)
+                keys = {f"_env_k{n}": v for n, v in enumerate(row[:offset])}
+                params.append(
+                    {**keys, "_env_old": value, "_env_new": active.head + active.seal(plaintext)}
+                )
+            if params:
+                written = execute_counted(self.conn, self.updates[name], params)
                 self.report.values_rewritten += written
-                self.report.values_changed += len(keys) - written
+                self.report.values_changed += len(params) - written
 
 
 def _log_start(job: str, target: Target, total: int) -> None:

@@ -140,113 +140,20 @@ def walk(
         last = tuple(rows[-1][: len(pk)])
 
 
-class BatchWrite:
-    """Writes one batch of new values into ``column``, each row's write a compare-and-set.
+def execute_counted(conn: Connection, stmt: sa.Update, params: list[dict[str, Any]]) -> int:
+    """Rows matched by an executemany UPDATE (one by one where the driver cannot count).
 
-    Row ``i`` gets ``column = news[i]`` where its key is ``keys[i]``, ``guard
-    = olds[i]`` (when a ``guard`` column is given) and every clause of
-    ``where`` holds; calling it returns the number of rows written, so a row
-    changed since the batch read it is neither overwritten nor counted. On
-    PostgreSQL, with a single-column key and a binary ``column``, the batch
-    is one set-based statement, ``UPDATE t SET column = v.new FROM
-    unnest(:keys, :olds, :news) AS v(key, old, new) WHERE t.pk = v.key AND
-    t.guard = v.old`` (and the key between the batch's first and last);
-    elsewhere an executemany of one ``UPDATE`` per row.
+    The parameters are values being converted (plaintext, for decrypt_column):
+    a database error's message does not list them.
     """
-
-    def __init__(
-        self,
-        table: sa.Table,
-        pk: Sequence[sa.Column[Any]],
-        column: sa.Column[Any],
-        new_type: sa.types.TypeEngine[Any],
-        *,
-        guard: sa.Column[Any] | None = None,
-        where: Sequence[ColumnElement[bool]] = (),
-    ) -> None:
-        self.pk, self.guard = list(pk), guard
-        self.set_based = len(self.pk) == 1 and _binary(column.type)
-        update = table.update().where(*where)
-        if guard is not None:
-            update = update.where(guard == sa.bindparam("_env_old", type_=guard.type))
-        self.each = update.where(
-            *(c == sa.bindparam(f"_env_k{i}", type_=c.type) for i, c in enumerate(self.pk))
-        ).values({column: sa.bindparam("_env_new", type_=new_type)})
-        if not self.set_based:
-            return
-        from sqlalchemy.dialects import postgresql
-
-        def array(name: str, item: sa.types.TypeEngine[Any]) -> ColumnElement[Any]:
-            # Cast, so that the driver's choice of array type (int2[] for
-            # small ints, text[] for strings) cannot matter.
-            return sa.cast(sa.bindparam(name, type_=postgresql.ARRAY(item)), postgresql.ARRAY(item))
-
-        arrays = [array("_env_keys", self.pk[0].type)]
-        names = [sa.column("_env_key", self.pk[0].type)]
-        if guard is not None:
-            arrays.append(array("_env_olds", guard.type))
-            names.append(sa.column("_env_old", guard.type))
-        arrays.append(array("_env_news", new_type))
-        names.append(sa.column("_env_new", new_type))
-        v = sa.func.unnest(*arrays).table_valued(*names).render_derived(name="_env_v")
-        key = self.pk[0]
-        # The bounds of the batch's keys let the planner see that a batch is
-        # an index range: without them, it sees no cheaper plan for 1,000
-        # keys than a hash join over the whole table.
-        stmt = table.update().where(
-            *where,
-            key >= sa.bindparam("_env_first", type_=key.type),
-            key <= sa.bindparam("_env_last", type_=key.type),
-            key == v.c._env_key,
-        )
-        if guard is not None:
-            stmt = stmt.where(guard == v.c._env_old)
-        self.whole = stmt.values({column: v.c._env_new})
-
-    def __call__(
-        self, conn: Connection, keys: list[Key], news: list[Any], olds: list[Any] | None = None
-    ) -> int:
-        """Rows written; ``keys`` in primary-key order (as :func:`walk` reads them).
-
-        The values (plaintext, for decrypt_column) are left out of errors.
-        """
-        if not keys:
-            return 0
-        if (olds is not None) != (self.guard is not None):
-            raise ValueError("olds must be given exactly when the write has a guard column")
-        try:
-            if self.set_based and conn.dialect.name == "postgresql":
-                ids = [k[0] for k in keys]
-                params: dict[str, Any] = {
-                    "_env_keys": ids,
-                    "_env_news": news,
-                    "_env_first": ids[0],
-                    "_env_last": ids[-1],
-                }
-                if olds is not None:
-                    params["_env_olds"] = olds
-                return int(conn.execute(self.whole, params).rowcount)
-            rows = [
-                {**{f"_env_k{i}": v for i, v in enumerate(k)}, "_env_new": new}
-                for k, new in zip(keys, news, strict=True)
-            ]
-            if olds is not None:
-                for row, old in zip(rows, olds, strict=True):
-                    row["_env_old"] = old
-            if conn.dialect.supports_sane_multi_rowcount:
-                return int(conn.execute(self.each, rows).rowcount)
-            return sum(int(conn.execute(self.each, r).rowcount) for r in rows)
-        except sa.exc.StatementError as exc:
-            exc.params = None
-            exc.hide_parameters = True
-            raise
-
-
-def _binary(type_: sa.types.TypeEngine[Any]) -> bool:
-    """Whether a column is stored as bytes (``BYTEA`` on PostgreSQL)."""
-    while isinstance(type_, sa.types.TypeDecorator):
-        type_ = type_.impl_instance
-    return isinstance(type_, sa.types._Binary)
+    try:
+        if conn.dialect.supports_sane_multi_rowcount:
+            return int(conn.execute(stmt, params).rowcount)
+        return sum(int(conn.execute(stmt, p).rowcount) for p in params)
+    except sa.exc.StatementError as exc:
+        exc.params = None
+        exc.hide_parameters = True
+        raise
 
 
 def count(conn: Connection, table: sa.Table, *where: ColumnElement[bool]) -> int:

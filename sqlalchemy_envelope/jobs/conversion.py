@@ -32,13 +32,13 @@ from sqlalchemy.schema import CreateColumn
 from .. import wire
 from ..errors import ConfigurationError
 from .batches import (
-    BatchWrite,
     Key,
     Progress,
     Ticker,
     check_batch_size,
     connect,
     count,
+    execute_counted,
     primary_key,
     walk,
 )
@@ -109,11 +109,20 @@ class Conversion:
             src, dst = table.c[self.column], table.c[self.shadow]
             todo = (dst.is_(None), src.is_not(None))
             query = sa.select(*pk, sa.type_coerce(src, self.read)).where(*todo)
-            write = BatchWrite(table, pk, dst, self.write, where=[dst.is_(None)])
+            update = (
+                table.update()
+                .where(*(c == sa.bindparam(f"_env_k{i}", type_=c.type) for i, c in enumerate(pk)))
+                .where(dst.is_(None))
+                .values({dst: sa.bindparam("_env_new", type_=self.write)})
+            )
 
             def convert(rows: list[sa.Row[Any]]) -> None:
                 n = len(pk)
-                write(conn, [tuple(r[:n]) for r in rows], [r[n] for r in rows])
+                params = [
+                    {**{f"_env_k{i}": v for i, v in enumerate(r[:n])}, "_env_new": r[n]}
+                    for r in rows
+                ]
+                execute_counted(conn, update, params)
 
             total = count(conn, table, *todo)
             log.info("%s %s: %d rows to convert, into %s", self.verb, where, total, self.shadow)
