@@ -19,7 +19,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from .. import wire
-from ..crypter import Cipher
+from .._crypto import AuthenticationFailed
+from ..cache import clock
+from ..crypter import Cipher, ColumnCrypter
 from ..errors import DecryptionError, KeyDestroyedError, KeyNotFoundError
 from .batches import (
     Key,
@@ -28,7 +30,6 @@ from .batches import (
     check_batch_size,
     connect,
     count,
-    execute_counted,
     walk,
 )
 from .claims import SharedJob, job_name, jobs_table, jobs_table_name
@@ -43,6 +44,7 @@ from .reports import (
     ReencryptReport,
     VerifyReport,
 )
+from .writes import BatchWrite
 
 if TYPE_CHECKING:
     from ..envelope import Envelope
@@ -112,7 +114,7 @@ def reencrypt(
         def work(lo: Key | None, hi: Key | None, renew: Callable[[], None]) -> None:
             for rows in walk(
                 conn, query, target.pk, rewriter.batch, batch_size=batch_size, lo=lo, hi=hi,
-                before_batch=rewriter.load_active,
+                before_batch=rewriter.load_active, lock=True,
             ):  # fmt: skip
                 report.rows += rows
                 renew()
@@ -212,12 +214,9 @@ class _Rewriter:
         self.report = report
         self.active: dict[str, Cipher] = {}
         self.failed: set[int] = set()
-        t, pk = target.table, target.pk
-        self.updates = {
-            name: t.update()
-            .where(*(c == sa.bindparam(f"_env_k{i}", type_=c.type) for i, c in enumerate(pk)))
-            .where(t.c[name] == sa.bindparam("_env_old", type_=sa.LargeBinary))
-            .values({name: sa.bindparam("_env_new", type_=sa.LargeBinary)})
+        t, pk, dialect = target.table, target.pk, conn.dialect
+        self.writes = {
+            name: BatchWrite(dialect, t, pk, t.c[name], sa.LargeBinary(), guard=t.c[name])
             for name in target.crypters
         }
 
@@ -229,42 +228,66 @@ class _Rewriter:
             self.report.active_keys[crypter.scope] = cipher.key_id
 
     def batch(self, rows: list[sa.Row[Any]]) -> None:
-        offset = len(self.target.pk)
-        for i, (name, crypter) in enumerate(self.target.crypters.items(), offset):
-            active = self.active[name]
-            params = []
-            for row in rows:
-                value = row[i]
-                if value is None:
-                    continue
-                value = bytes(value)
-                if value[: wire.HEADER_BYTES] == active.head:
-                    self.report.values_current += 1
-                    continue
-                key_id = wire.key_id_of(value)
-                if key_id is None:
-                    self.report.plaintext += 1
-                    continue
-                if key_id in self.failed:
-                    self.report.unreadable += 1
-                    continue
-                try:
-                    plaintext = crypter.decrypt(value)
-                except KeyNotFoundError:
-                    self.failed.add(key_id)
-                    self.report.unreadable += 1
-                    continue
-                except DecryptionError:
-                    self.report.unreadable += 1
-                    continue
-                keys = {f"_env_k{n}": v for n, v in enumerate(row[:offset])}
-                params.append(
-                    {**keys, "_env_old": value, "_env_new": active.head + active.seal(plaintext)}
-                )
-            if params:
-                written = execute_counted(self.conn, self.updates[name], params)
+        # walk read the page with its rows locked, so the columns may be written in turn.
+        offset, now = len(self.target.pk), clock()
+        for i, (name, write) in enumerate(self.writes.items(), offset):
+            keys, olds, news = self._column(rows, i, name, now)
+            if keys:
+                written = write(self.conn, keys, news, olds)
                 self.report.values_rewritten += written
-                self.report.values_changed += len(params) - written
+                self.report.values_changed += len(keys) - written
+
+    def _column(
+        self, rows: list[sa.Row[Any]], i: int, name: str, now: float
+    ) -> tuple[list[Key], list[bytes], list[bytes]]:
+        """The keys, stored values and re-encrypted values of column ``name`` to rewrite."""
+        report, offset, head_size = self.report, len(self.target.pk), wire.HEADER_BYTES
+        crypter, active = self.target.crypters[name], self.active[name]
+        ciphers, active_head, seal = crypter.ciphers, active.head, active.seal
+        keys: list[Key] = []
+        olds: list[bytes] = []
+        news: list[bytes] = []
+        for row in rows:
+            value = row[i]
+            if value is None:
+                continue
+            value = bytes(value)
+            head = value[:head_size]
+            if head == active_head:
+                report.values_current += 1
+                continue
+            cipher = ciphers.get(head)
+            if cipher is None or cipher.expires <= now:
+                cipher = self._cipher(crypter, value)
+                if cipher is None:
+                    continue
+            try:
+                plaintext = cipher.open(value)
+            except AuthenticationFailed:
+                report.unreadable += 1
+                continue
+            keys.append(tuple(row[:offset]))
+            olds.append(value)
+            news.append(active_head + seal(plaintext))
+        return keys, olds, news
+
+    def _cipher(self, crypter: ColumnCrypter, value: bytes) -> Cipher | None:
+        """The cipher that opens ``value``, or None (counted) if it cannot be read."""
+        key_id = wire.key_id_of(value)
+        if key_id is None:
+            self.report.plaintext += 1
+            return None
+        if key_id in self.failed:
+            self.report.unreadable += 1
+            return None
+        try:
+            return crypter.for_reading(value)
+        except KeyNotFoundError:
+            self.failed.add(key_id)
+        except DecryptionError:
+            pass
+        self.report.unreadable += 1
+        return None
 
 
 def _log_start(job: str, target: Target, total: int) -> None:

@@ -38,13 +38,13 @@ from .batches import (
     check_batch_size,
     connect,
     count,
-    execute_counted,
     primary_key,
     walk,
 )
 from .claims import SharedJob, jobs_table, jobs_table_name
 from .reports import ColumnJobReport
 from .swap import swap
+from .writes import BatchWrite
 
 if TYPE_CHECKING:
     from ..envelope import Envelope
@@ -109,20 +109,11 @@ class Conversion:
             src, dst = table.c[self.column], table.c[self.shadow]
             todo = (dst.is_(None), src.is_not(None))
             query = sa.select(*pk, sa.type_coerce(src, self.read)).where(*todo)
-            update = (
-                table.update()
-                .where(*(c == sa.bindparam(f"_env_k{i}", type_=c.type) for i, c in enumerate(pk)))
-                .where(dst.is_(None))
-                .values({dst: sa.bindparam("_env_new", type_=self.write)})
-            )
+            write = BatchWrite(conn.dialect, table, pk, dst, self.write, where=[dst.is_(None)])
 
             def convert(rows: list[sa.Row[Any]]) -> None:
                 n = len(pk)
-                params = [
-                    {**{f"_env_k{i}": v for i, v in enumerate(r[:n])}, "_env_new": r[n]}
-                    for r in rows
-                ]
-                execute_counted(conn, update, params)
+                write(conn, [tuple(r[:n]) for r in rows], [r[n] for r in rows])
 
             total = count(conn, table, *todo)
             log.info("%s %s: %d rows to convert, into %s", self.verb, where, total, self.shadow)
@@ -130,8 +121,9 @@ class Conversion:
 
             def work(lo: Key | None, hi: Key | None, renew: Callable[[], None]) -> None:
                 for rows in walk(
-                    conn, query, pk, convert, batch_size=batch_size, lo=lo, hi=hi, before_batch=warm
-                ):
+                    conn, query, pk, convert, batch_size=batch_size, lo=lo, hi=hi,
+                    before_batch=warm, lock=True, filtered=True,
+                ):  # fmt: skip
                     report.rows += rows
                     renew()
                     if progress is not None:
@@ -141,9 +133,9 @@ class Conversion:
             def rest() -> int:
                 if warm is not None:
                     warm()
-                return sum(
-                    walk(conn, query, pk, convert, batch_size=batch_size, transactions=False)
-                )
+                # Under the swap's table lock: no row locks, and one scan for the few rows left.
+                pages = walk(conn, query, pk, convert, batch_size=batch_size, transactions=False)
+                return sum(pages)
 
             def final() -> None:
                 if self._state(conn) == "filling":
