@@ -192,8 +192,9 @@ def test_reencrypt_survives_a_killed_connection(
     else:  # the second batch's first UPDATE (one executemany per column and batch)
         kill.on_statement(job_engine, lambda s: s.startswith("UPDATE"), len(COLUMNS) + 1)
 
-    with pytest.raises(sa.exc.DBAPIError):
-        reencrypt(db.envelope, "accounts", batch_size=BATCH, bind=job_engine, progress=progress)
+    # One connection: batches in sequence (an Engine would add concurrent lanes).
+    with pytest.raises(sa.exc.DBAPIError), job_engine.connect() as job:
+        reencrypt(db.envelope, "accounts", batch_size=BATCH, bind=job, progress=progress)
     assert kill.killed == 1
     first_batch = values_in(db.expected[:BATCH])
     # Exactly the first batch committed; the killed batch rolled back.
@@ -216,6 +217,47 @@ def test_reencrypt_survives_a_killed_connection(
     assert hit == 10
 
 
+@pytest.mark.parametrize("job", ["reencrypt", "encrypt_column"])
+def test_jobs_on_lanes_survive_killed_connections(
+    pg_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms, job: str
+) -> None:
+    # With an Engine, batches run on two connections at once (jobs.pages): kill
+    # them all in the middle, and every committed batch holds, none is redone.
+    db = make_db(pg_url, make_engine, local_kms, encrypted=job == "reencrypt")
+    kill = Terminator(pg_url, make_engine)
+    job_engine = make_engine(kill.job_url)
+    kill.on_statement(job_engine, lambda s: s.startswith("UPDATE"), 3)
+    type_ = Encrypted(sa.String(60))
+    total = values_in(db.expected)
+
+    def run() -> Any:
+        if job == "reencrypt":
+            return reencrypt(db.envelope, "accounts", batch_size=BATCH, bind=job_engine)
+        return encrypt_column(db.envelope, job_engine, "accounts", "owner", type_, batch_size=BATCH)
+
+    new = db.envelope.rotate("accounts") if job == "reencrypt" else None
+    with pytest.raises(sa.exc.DBAPIError):
+        run()
+    assert kill.killed >= 2  # the lanes' connections (and the idle one that started them)
+    assert read(db.engine, db.table) == db.expected
+    if job == "reencrypt":
+        done = stored_keys(db.engine).get(new, 0)
+        assert 0 < done < total and sum(stored_keys(db.engine).values()) == total
+        report = run()
+        assert report.ok and report.values_changed == 0
+        assert (report.values_current, report.values_rewritten) == (done, total - done)
+        assert stored_keys(db.engine) == {new: total}
+    else:
+        with db.engine.connect() as conn:
+            done = conn.execute(sa.text("SELECT count(owner__envelope) FROM accounts")).scalar_one()
+        assert 0 < done < ROWS
+        report = run()
+        assert report.swapped and report.rows == ROWS - done
+        (key,) = db.envelope.keys("accounts")
+        assert stored_keys(db.engine, ["owner"]) == {key.id: ROWS}
+    assert verify(db.envelope, "accounts").ok
+
+
 @pytest.mark.parametrize("point", ["between batches", "mid-batch", "in the swap"])
 def test_encrypt_column_survives_a_killed_connection(
     pg_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms, point: str
@@ -232,9 +274,9 @@ def test_encrypt_column_survives_a_killed_connection(
         kill.on_statement(job_engine, lambda s: "DROP COLUMN" in s, 1)
     type_ = Encrypted(sa.String(60))
 
-    with pytest.raises(sa.exc.DBAPIError):
+    with pytest.raises(sa.exc.DBAPIError), job_engine.connect() as job:  # batches in sequence
         encrypt_column(
-            db.envelope, job_engine, "accounts", "owner", type_, batch_size=BATCH, progress=progress
+            db.envelope, job, "accounts", "owner", type_, batch_size=BATCH, progress=progress
         )
     assert kill.killed == 1
     columns = {c["name"] for c in sa.inspect(db.engine).get_columns("accounts")}

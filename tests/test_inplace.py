@@ -170,7 +170,8 @@ def test_encrypt_column_resumes_after_an_interruption(
         )
     with engine.connect() as conn:
         half = conn.execute(sa.text("SELECT COUNT(s__envelope) FROM records")).scalar_one()
-    assert half == reported[-1] >= 100  # the committed batches, and only them
+    # Every batch reported committed (on PostgreSQL, the other lane may have committed one more).
+    assert half >= reported[-1] >= 100
     report = encrypt_column(
         envelope, engine, "records", "s", Encrypted(sa.String(40)), batch_size=50
     )

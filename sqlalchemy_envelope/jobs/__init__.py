@@ -12,11 +12,12 @@ key ids and counts, never values.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Dialect, Engine
 
 from .. import wire
 from .._crypto import AuthenticationFailed
@@ -30,11 +31,11 @@ from .batches import (
     check_batch_size,
     connect,
     count,
-    walk,
 )
 from .claims import SharedJob, job_name, jobs_table, jobs_table_name
 from .discovery import Target, resolve
 from .inplace import decrypt_column, encrypt_column, reencrypt_column
+from .pages import lanes, walk
 from .reports import (
     KEY_DESTROYED,
     KEY_NOT_FOUND,
@@ -87,9 +88,13 @@ def reencrypt(
 
     Everything is re-derived from what is stored, so the job is resumable after
     a crash at any point and never encrypts twice: values already under the
-    active key are skipped. Each value is written with a compare-and-set,
+    active key are skipped. Each batch's read locks its rows in key order
+    (not on SQLite), so application writes to them wait for the batch rather
+    than deadlock with it; each value is written with a compare-and-set,
     ``UPDATE ... SET col = :new WHERE pk = :pk AND col = :old``, so a value the
     application changed since the batch read it keeps the application's write.
+    Given an Engine on PostgreSQL, batches run on two connections at once
+    (:mod:`sqlalchemy_envelope.jobs.pages`); a Connection keeps to itself.
     The remaining window: a value the application writes under a key that was
     active when it started but has been rotated out since is left under that
     key until the next run (a rotation during the job moves the target too).
@@ -102,11 +107,12 @@ def reencrypt(
     done; its report counts the rows this worker handled.
     """
     batch_size = check_batch_size(batch_size)
-    with connect(bind if bind is not None else envelope.engine) as conn:
+    bind = bind if bind is not None else envelope.engine
+    with connect(bind) as conn, lanes(bind) as more:
         target = resolve(envelope, conn, table_or_model, columns)
         total = count(conn, target.table)
         report = ReencryptReport(target.name)
-        rewriter = _Rewriter(conn, target, report)
+        rewriter = _Rewriter(conn.dialect, target, report)
         query = sa.select(*target.pk, *target.columns)
         _log_start("reencrypt", target, total)
         ticker = Ticker("reencrypt", target.name, total)
@@ -114,7 +120,7 @@ def reencrypt(
         def work(lo: Key | None, hi: Key | None, renew: Callable[[], None]) -> None:
             for rows in walk(
                 conn, query, target.pk, rewriter.batch, batch_size=batch_size, lo=lo, hi=hi,
-                before_batch=rewriter.load_active, lock=True,
+                before_batch=rewriter.load_active, lock=True, lanes=more,
             ):  # fmt: skip
                 report.rows += rows
                 renew()
@@ -166,7 +172,7 @@ def verify(
         failed: dict[int, str] = {}  # key id -> cause, so a missing key costs one lookup
         offset = len(target.pk)
 
-        def check(rows: list[sa.Row[Any]]) -> None:
+        def check(_: Connection, rows: list[sa.Row[Any]]) -> None:
             for i, (name, crypter) in enumerate(target.crypters.items(), offset):
                 counts = report.columns[name]
                 for row in rows:
@@ -208,13 +214,13 @@ def verify(
 class _Rewriter:
     """Moves one batch of values to the active keys, with compare-and-set updates."""
 
-    def __init__(self, conn: Connection, target: Target, report: ReencryptReport) -> None:
-        self.conn = conn
+    def __init__(self, dialect: Dialect, target: Target, report: ReencryptReport) -> None:
         self.target = target
         self.report = report
         self.active: dict[str, Cipher] = {}
         self.failed: set[int] = set()
-        t, pk, dialect = target.table, target.pk, conn.dialect
+        self.lock = threading.Lock()  # batches may run on several lanes (jobs.pages)
+        t, pk = target.table, target.pk
         self.writes = {
             name: BatchWrite(dialect, t, pk, t.c[name], sa.LargeBinary(), guard=t.c[name])
             for name in target.crypters
@@ -223,19 +229,26 @@ class _Rewriter:
     def load_active(self) -> None:
         # Outside the batch's transaction: creating a scope's first key must not
         # wait behind our own locks (SQLite). One key per batch, even if rotated meanwhile.
-        for name, crypter in self.target.crypters.items():
-            cipher = self.active[name] = crypter.for_writing()
-            self.report.active_keys[crypter.scope] = cipher.key_id
+        with self.lock:
+            for name, crypter in self.target.crypters.items():
+                cipher = self.active[name] = crypter.for_writing()
+                self.report.active_keys[crypter.scope] = cipher.key_id
 
-    def batch(self, rows: list[sa.Row[Any]]) -> None:
+    def batch(self, conn: Connection, rows: list[sa.Row[Any]]) -> None:
         # walk read the page with its rows locked, so the columns may be written in turn.
+        # The Python half holds the lock (it holds the GIL anyway); the writes do not.
         offset, now = len(self.target.pk), clock()
-        for i, (name, write) in enumerate(self.writes.items(), offset):
-            keys, olds, news = self._column(rows, i, name, now)
+        with self.lock:
+            todo = [
+                (write, *self._column(rows, i, name, now))
+                for i, (name, write) in enumerate(self.writes.items(), offset)
+            ]
+        for write, keys, olds, news in todo:
             if keys:
-                written = write(self.conn, keys, news, olds)
-                self.report.values_rewritten += written
-                self.report.values_changed += len(keys) - written
+                written = write(conn, keys, news, olds)
+                with self.lock:
+                    self.report.values_rewritten += written
+                    self.report.values_changed += len(keys) - written
 
     def _column(
         self, rows: list[sa.Row[Any]], i: int, name: str, now: float

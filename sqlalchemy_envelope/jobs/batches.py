@@ -17,7 +17,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 import sqlalchemy as sa
@@ -100,76 +100,6 @@ def in_range(
     if hi is not None:
         clauses.append(_compare(cols, hi, False, dialect))
     return clauses
-
-
-def walk(
-    conn: Connection,
-    query: sa.Select[Any],
-    pk: Sequence[sa.Column[Any]],
-    work: Callable[[list[sa.Row[Any]]], None],
-    *,
-    batch_size: int,
-    lo: Key | None = None,
-    hi: Key | None = None,
-    before_batch: Callable[[], None] | None = None,
-    transactions: bool = True,
-    lock: bool = False,
-    filtered: bool = False,
-) -> Iterator[int]:
-    """Run ``work`` on pages of ``query`` (whose first columns are ``pk``) in key order.
-
-    Each page is read and worked on in one transaction; the number of rows is
-    yielded once it has committed. ``before_batch`` runs before each
-    transaction begins (to load keys outside it: on SQLite, a key created
-    inside would wait for our own write lock). With ``transactions=False`` the
-    pages run inside the caller's transaction.
-
-    ``lock`` locks each page's rows as it reads them, in key order (``FOR NO
-    KEY UPDATE``, the lock an ``UPDATE`` takes; ``FOR UPDATE`` on MySQL;
-    SQLite locks the whole database instead). A job that writes the page
-    then holds every lock it needs before its first write, taken in the
-    order application writers that lock rows in key order take them too: it
-    may make them wait for a batch, but never deadlocks with them, whatever
-    order its writes visit the rows in.
-
-    ``filtered`` says that ``query`` skips rows (say, those already
-    converted). A page is then the next ``batch_size`` keys of the table,
-    found first, and the query reads the rows between them: a
-    ``LIMIT`` over a filter lets the planner guess how far the index must be
-    scanned, and when it guesses wrong (a new column has no statistics) it
-    scans and sorts the whole table for every page.
-    """
-    dialect = conn.dialect.name
-    last = lo
-    while True:
-        if before_batch is not None:
-            before_batch()
-        with conn.begin() if transactions else nullcontext():
-            upper = hi
-            if filtered:
-                page = sa.select(*pk).where(*in_range(pk, last, hi, dialect)).order_by(*pk)
-                edge = conn.execute(page.offset(batch_size - 1).limit(1)).first()
-                upper = hi if edge is None else tuple(edge)
-            stmt = query.where(*in_range(pk, last, upper, dialect)).order_by(*pk)
-            if not filtered:
-                stmt = stmt.limit(batch_size)
-            if lock:
-                stmt = stmt.with_for_update(key_share=True)
-            rows = list(conn.execute(stmt).all())
-            if rows:
-                work(rows)
-        if filtered:
-            yield len(rows)
-            if edge is None:
-                return
-            last = upper
-            continue
-        if not rows:
-            return
-        yield len(rows)
-        if len(rows) < batch_size:
-            return
-        last = tuple(rows[-1][: len(pk)])
 
 
 def count(conn: Connection, table: sa.Table, *where: ColumnElement[bool]) -> int:

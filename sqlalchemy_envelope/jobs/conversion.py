@@ -39,9 +39,9 @@ from .batches import (
     connect,
     count,
     primary_key,
-    walk,
 )
 from .claims import SharedJob, jobs_table, jobs_table_name
+from .pages import lanes, walk
 from .reports import ColumnJobReport
 from .swap import swap
 from .writes import BatchWrite
@@ -98,7 +98,7 @@ class Conversion:
         batch_size = check_batch_size(batch_size)
         report = ColumnJobReport(self.table, self.column)
         where = f"{self.table}.{self.column}"
-        with connect(bind) as conn:
+        with connect(bind) as conn, lanes(bind) as more:
             state = self._prepare(conn)
             if state == "done":
                 report.already_done = True
@@ -111,9 +111,9 @@ class Conversion:
             query = sa.select(*pk, sa.type_coerce(src, self.read)).where(*todo)
             write = BatchWrite(conn.dialect, table, pk, dst, self.write, where=[dst.is_(None)])
 
-            def convert(rows: list[sa.Row[Any]]) -> None:
+            def convert(c: Connection, rows: list[sa.Row[Any]]) -> None:
                 n = len(pk)
-                write(conn, [tuple(r[:n]) for r in rows], [r[n] for r in rows])
+                write(c, [tuple(r[:n]) for r in rows], [r[n] for r in rows])
 
             total = count(conn, table, *todo)
             log.info("%s %s: %d rows to convert, into %s", self.verb, where, total, self.shadow)
@@ -122,7 +122,7 @@ class Conversion:
             def work(lo: Key | None, hi: Key | None, renew: Callable[[], None]) -> None:
                 for rows in walk(
                     conn, query, pk, convert, batch_size=batch_size, lo=lo, hi=hi,
-                    before_batch=warm, lock=True, filtered=True,
+                    before_batch=warm, lock=True, filtered=True, lanes=more,
                 ):  # fmt: skip
                     report.rows += rows
                     renew()

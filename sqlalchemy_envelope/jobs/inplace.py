@@ -48,7 +48,8 @@ def encrypt_column(
     (its old code writes plaintext, its new code ciphertext): rows inserted
     meanwhile are still converted before the swap, but a row updated after
     its batch was converted would keep the converted, older value.
-    ``distributed=True`` shares the filling among several workers, as for
+    ``distributed=True`` shares the filling among several workers, and an
+    Engine on PostgreSQL fills on two connections at once, as for
     :func:`sqlalchemy_envelope.jobs.reencrypt`.
     """
     if not isinstance(type_, Encrypted):
