@@ -36,13 +36,24 @@ def lanes(bind: Engine | Connection) -> Iterator[list[Connection]]:
 
     Only an Engine can give more connections, and only PostgreSQL gains: SQLite
     writes one transaction at a time, and MySQL's gap locks make adjacent pages
-    contend.
+    contend. The lanes never wait for a connection: with no room for them in
+    the engine's pool (the application may be using it), the job keeps to one.
     """
-    if not isinstance(bind, Engine) or bind.dialect.name != "postgresql":
+    if not isinstance(bind, Engine) or bind.dialect.name != "postgresql" or not _room(bind.pool):
         yield []
         return
     with ExitStack() as stack:
         yield [stack.enter_context(bind.connect()) for _ in range(LANES)]
+
+
+def _room(pool: sa.pool.Pool) -> bool:
+    """Whether ``pool`` can lend :data:`LANES` more connections right now."""
+    if isinstance(pool, sa.pool.NullPool):
+        return True
+    if not isinstance(pool, sa.pool.QueuePool):  # static, singleton-thread: one shared connection
+        return False
+    overflow = pool._max_overflow  # -1: unlimited
+    return overflow < 0 or pool.size() + overflow - pool.checkedout() >= LANES
 
 
 def walk(

@@ -1,0 +1,77 @@
+"""Batch jobs' lanes: concurrent batches on PostgreSQL, and only where the pool has room."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.orm import Session
+
+from sqlalchemy_envelope import LocalKms
+from sqlalchemy_envelope.jobs import reencrypt, verify
+from sqlalchemy_envelope.jobs.pages import LANES, lanes
+
+from .models import App, build
+
+N = 400
+
+
+def patients(url: str, make_engine: Callable[..., sa.Engine], kms: LocalKms, **pool: Any) -> App:
+    a = build()
+    engine = make_engine(url, **pool)
+    a.Base.metadata.create_all(engine)
+    a.envelope.configure(kms=kms, engine=engine)
+    with Session(engine) as s:
+        s.add_all(a.Patient(id=i, name=f"Patient {i}", email=f"p{i}@example.org") for i in range(N))
+        s.commit()
+    a.envelope.rotate("patients")
+    return a
+
+
+def test_lanes_only_where_they_help_and_the_pool_has_room(
+    pg_url: str, sqlite_url: str, make_engine: Callable[..., sa.Engine]
+) -> None:
+    def count(bind: Any) -> int:
+        with lanes(bind) as more:
+            return len(more)
+
+    engine = make_engine(pg_url)
+    assert count(engine) == LANES
+    with engine.connect() as conn:
+        assert count(conn) == 0  # a Connection keeps to itself
+    assert count(make_engine(pg_url, poolclass=sa.NullPool)) == LANES
+    assert count(make_engine(pg_url, poolclass=sa.StaticPool)) == 0
+    assert count(make_engine(pg_url, pool_size=1, max_overflow=0)) == 0
+    small = make_engine(pg_url, pool_size=2, max_overflow=0)
+    assert count(small) == LANES
+    with small.connect():  # the application holds one: no room for two more
+        assert count(small) == 0
+    assert count(make_engine(sqlite_url)) == 0
+
+
+def test_batches_run_on_two_connections(
+    pg_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    a = patients(pg_url, make_engine, local_kms)
+    writers: set[int] = set()
+
+    @event.listens_for(a.envelope.engine, "before_cursor_execute")
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("UPDATE"):
+            writers.add(conn.connection.dbapi_connection.info.backend_pid)
+
+    report = reencrypt(a.envelope, a.Patient, batch_size=20)
+    assert report.ok and report.values_rewritten == 2 * N and report.values_changed == 0
+    assert len(writers) == LANES
+    assert verify(a.envelope, a.Patient).ok
+
+
+def test_a_full_pool_runs_the_job_on_one_connection(
+    pg_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    # Waiting for a lane's connection would time out after a second: it must not wait.
+    a = patients(pg_url, make_engine, local_kms, pool_size=1, max_overflow=0, pool_timeout=1)
+    report = reencrypt(a.envelope, a.Patient, batch_size=50)
+    assert report.ok and report.values_rewritten == 2 * N
