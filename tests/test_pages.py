@@ -10,7 +10,7 @@ from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from sqlalchemy_envelope import LocalKms
-from sqlalchemy_envelope.jobs import reencrypt, verify
+from sqlalchemy_envelope.jobs import pg_arrays, reencrypt, verify
 from sqlalchemy_envelope.jobs.pages import LANES, lanes
 
 from .models import App, build
@@ -75,3 +75,21 @@ def test_a_full_pool_runs_the_job_on_one_connection(
     a = patients(pg_url, make_engine, local_kms, pool_size=1, max_overflow=0, pool_timeout=1)
     report = reencrypt(a.envelope, a.Patient, batch_size=50)
     assert report.ok and report.values_rewritten == 2 * N
+
+
+def test_packed_arrays_round_trip(pg_url: str, make_engine: Callable[..., sa.Engine]) -> None:
+    values: list[bytes | None] = [b"", b"\x00\\\"{},'", bytes(range(256)) * 40, None, b"x"]
+    ints = [0, 1, -1, 2**63 - 1, -(2**63), 12345678901]
+    with make_engine(pg_url).connect() as conn:
+        pg_arrays.enable(conn)
+        got = conn.execute(
+            sa.text("SELECT CAST(:b AS bytea[]), CAST(:n AS bytea[]), CAST(:i AS bigint[])"),
+            {
+                "b": pg_arrays.ByteaArray.of(values),
+                "n": pg_arrays.ByteaArray.of([b"a", b"b"]),
+                "i": pg_arrays.Int8Array.of(ints),
+            },
+        ).one()
+    assert [None if v is None else bytes(v) for v in got[0]] == values
+    assert [bytes(v) for v in got[1]] == [b"a", b"b"]
+    assert got[2] == ints

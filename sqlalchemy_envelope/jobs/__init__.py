@@ -3,7 +3,12 @@
 They work on stored bytes with a :class:`~sqlalchemy_envelope.crypter.ColumnCrypter`
 (no codecs), so they need nothing but the database and the KMS. Each job walks
 the table in primary-key order (keyset pagination), one transaction per
-batch, holding one batch in memory. ``distributed=True`` lets several workers
+batch, holding one batch in memory per connection it runs batches on (two
+on PostgreSQL, see :mod:`sqlalchemy_envelope.jobs.pages`; one elsewhere).
+The pieces: ``batches`` (key ranges, connections, progress), ``pages`` (the
+walk), ``writes`` and ``pg_arrays`` (writing a batch back), ``claims``
+(workers sharing a table), ``conversion`` and ``swap`` (columns converted in
+place), ``discovery`` and ``reports``. ``distributed=True`` lets several workers
 share one table through claimed key ranges (see :mod:`sqlalchemy_envelope.jobs.claims`).
 Progress is logged at INFO on the ``sqlalchemy_envelope`` logger with scopes,
 key ids and counts, never values.

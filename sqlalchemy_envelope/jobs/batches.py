@@ -1,11 +1,11 @@
-"""Keyset pagination over a primary key, and the connections batch jobs run on.
+"""Key ranges over a primary key, and the connections batch jobs run on.
 
-Batch jobs walk a table in primary-key order, ``batch_size`` rows at a time,
-one short transaction per batch: the next page starts after the last key
-seen, so each page costs an index range scan however far the job has gone and
-memory holds one page at a time. Keys may be single or composite, integers,
-strings or UUIDs. A range ``(lo, hi]`` bounds a page for workers that claimed
-a slice of the table (``None`` is open-ended).
+Batch jobs walk a table in primary-key order, ``batch_size`` rows at a time
+(:mod:`sqlalchemy_envelope.jobs.pages`): the next page starts after the last
+key seen, so each page costs an index range scan however far the job has
+gone. Keys may be single or composite, integers, strings or UUIDs. A range
+``(lo, hi]`` bounds a page for workers that claimed a slice of the table
+(``None`` is open-ended).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from typing import Any, cast
 from sqlalchemy.engine import Connection
 
 _BYTEA, _INT8 = 17, 20
-_HEAD = struct.Struct(">iiiii")  # ndim = 1, has nulls = 0, element oid, length, lower bound 1
+_HEAD = struct.Struct(">iiiii")  # dimensions (1), has nulls, element oid, length, lower bound (1)
 _LENGTH = struct.Struct(">i").pack
 _NULL = _LENGTH(-1)
 _INT8_ITEM = struct.Struct(">iq").pack  # length 8, value

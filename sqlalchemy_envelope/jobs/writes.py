@@ -1,25 +1,20 @@
-"""Writing a batch back: its rows locked in key order, then a compare-and-set per value.
+"""Writing a batch back: a compare-and-set per value, in one statement where it can be.
 
-A batch job reads a page without locking it, computes the new values, and
-writes them in the same transaction. Two rules make that safe beside the
-application's own writers:
-
-* :class:`RowLocks` locks every row the batch is about to write, in
-  primary-key order, in one statement (``SELECT ... ORDER BY pk FOR NO KEY
-  UPDATE``; ``FOR UPDATE`` on MySQL), before any write. A writer that takes
-  its rows in key order too may wait for a batch but cannot deadlock with
-  it, whatever order the writes then visit rows in (a set-based ``UPDATE``
-  follows its join; a job with several columns writes them one after
-  another). SQLite locks the whole database and needs no row locks.
-* :class:`BatchWrite` writes each value only where the row still holds what
-  the batch read (a compare-and-set), so a value the application changed
-  between the read and the lock is kept and counted, never overwritten.
+A batch job reads a page (locking its rows, see
+:func:`sqlalchemy_envelope.jobs.pages.walk`), computes the new values, and
+writes them in the same transaction. :class:`BatchWrite` writes each value
+only where the row still holds what the batch read, so a value changed in
+between (possible where rows are not locked, on SQLite) is kept and counted,
+never overwritten.
 
 On PostgreSQL through psycopg, with a single-column key and a binary target,
 a column's batch is one statement, ``UPDATE t SET c = v.new FROM
-unnest(:keys, :olds, :news) AS v ...``, with the byte arrays sent in
-psycopg's binary format: escaping them as text cost more than the cipher.
-Elsewhere it is an executemany of one ``UPDATE`` per row.
+unnest(:keys, :olds, :news) AS v(key, old, new) WHERE t.pk = v.key AND t.c
+= v.old``, with the arrays packed in PostgreSQL's binary format
+(:mod:`~sqlalchemy_envelope.jobs.pg_arrays`). Its join visits rows in the
+plan's order, not in key order: that is safe because the read already holds
+every row's lock. Elsewhere the batch is an executemany of one ``UPDATE`` per
+row.
 """
 
 from __future__ import annotations
@@ -35,43 +30,6 @@ from . import pg_arrays
 from .batches import Key
 
 
-def _set_based(dialect: Dialect, pk: Sequence[sa.Column[Any]]) -> bool:
-    return dialect.name == "postgresql" and dialect.driver == "psycopg" and len(pk) == 1
-
-
-class _Arrays:
-    """A batch's key array (and byte arrays), sent to PostgreSQL as packed binary arrays."""
-
-    def __init__(self, key: sa.Column[Any]) -> None:
-        self.key = key
-        # Plain integer keys go packed; others (strings, UUIDs, decorated types)
-        # through their SQLAlchemy type, which may need to process each one.
-        self.int_keys = isinstance(key.type, sa.Integer)
-
-    def keys(self, name: str) -> ColumnElement[Any]:
-        return self._array(name, self.key.type, packed=self.int_keys)
-
-    def bytes(self, name: str) -> ColumnElement[Any]:
-        return self._array(name, sa.LargeBinary(), packed=True)
-
-    @staticmethod
-    def _array(name: str, item: sa.types.TypeEngine[Any], packed: bool) -> ColumnElement[Any]:
-        """``CAST(:name AS item[])``: whatever array type is sent, the server sees this one."""
-        from sqlalchemy.dialects import postgresql
-
-        bind = sa.bindparam(name, type_=sa.types.NullType() if packed else postgresql.ARRAY(item))
-        return sa.cast(bind, postgresql.ARRAY(item))
-
-    def key_params(self, conn: Connection, keys: Sequence[Key]) -> dict[str, Any]:
-        pg_arrays.enable(conn)
-        ids = [k[0] for k in keys]
-        return {
-            "_env_keys": pg_arrays.Int8Array.of(ids) if self.int_keys else ids,
-            "_env_first": ids[0],
-            "_env_last": ids[-1],
-        }
-
-
 class BatchWrite:
     """Writes one batch of new values into ``column``, each row's write a compare-and-set.
 
@@ -79,7 +37,7 @@ class BatchWrite:
     = olds[i]`` (when a ``guard`` column is given) and every clause of
     ``where`` holds; a call returns the number of rows written, so a row
     changed since the batch read it is neither overwritten nor counted.
-    The rows should be locked already (``walk(..., lock=True)`` does).
+    The rows should be locked already (``walk(..., lock=True)`` locks them).
     """
 
     def __init__(
@@ -108,13 +66,15 @@ class BatchWrite:
         plain = isinstance(new_type, sa.types._Binary)
         self.process = None if plain else new_type._cached_bind_processor(dialect)
         key = self.pk[0]
-        self.arrays = _Arrays(key)
-        arrays = [self.arrays.keys("_env_keys")]
+        # Plain integer keys go packed too; others (strings, UUIDs, decorated
+        # types) through their SQLAlchemy type, which may process each one.
+        self.int_keys = isinstance(key.type, sa.Integer)
+        arrays = [_array("_env_keys", key.type, packed=self.int_keys)]
         names = [sa.column("_env_key", key.type)]
         if guard is not None:
-            arrays.append(self.arrays.bytes("_env_olds"))
+            arrays.append(_array("_env_olds", sa.LargeBinary(), packed=True))
             names.append(sa.column("_env_old", sa.LargeBinary()))
-        arrays.append(self.arrays.bytes("_env_news"))
+        arrays.append(_array("_env_news", sa.LargeBinary(), packed=True))
         names.append(sa.column("_env_new", sa.LargeBinary()))
         v = sa.func.unnest(*arrays).table_valued(*names).render_derived(name="_env_v")
         # The batch's key bounds show the planner an index range: without them
@@ -161,13 +121,34 @@ class BatchWrite:
     def _whole(
         self, conn: Connection, keys: list[Key], news: list[Any], olds: list[Any] | None
     ) -> int:
+        pg_arrays.enable(conn)
+        ids = [k[0] for k in keys]
         if self.process is not None:
             news = list(map(self.process, news))
-        params = self.arrays.key_params(conn, keys)
-        params["_env_news"] = pg_arrays.ByteaArray.of(news)
+        params = {
+            "_env_keys": pg_arrays.Int8Array.of(ids) if self.int_keys else ids,
+            "_env_first": ids[0],
+            "_env_last": ids[-1],
+            "_env_news": pg_arrays.ByteaArray.of(news),
+        }
         if olds is not None:
             params["_env_olds"] = pg_arrays.ByteaArray.of(olds)
         return int(conn.execute(self.whole, params).rowcount)
+
+
+def _set_based(dialect: Dialect, pk: Sequence[sa.Column[Any]]) -> bool:
+    return dialect.name == "postgresql" and dialect.driver == "psycopg" and len(pk) == 1
+
+
+def _array(name: str, item: sa.types.TypeEngine[Any], packed: bool) -> ColumnElement[Any]:
+    """``CAST(:name AS item[])``: whatever array type is sent, the server sees this one.
+
+    A ``packed`` value (a :class:`~.pg_arrays.PackedArray`) is passed on as it is.
+    """
+    from sqlalchemy.dialects import postgresql
+
+    bind = sa.bindparam(name, type_=sa.types.NullType() if packed else postgresql.ARRAY(item))
+    return sa.cast(bind, postgresql.ARRAY(item))
 
 
 def _binary(type_: sa.types.TypeEngine[Any]) -> bool:
