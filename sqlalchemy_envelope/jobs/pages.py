@@ -34,10 +34,12 @@ Work = Callable[[Connection, list[sa.Row[Any]]], None]
 def lanes(bind: Engine | Connection) -> Iterator[list[Connection]]:
     """Connections for :func:`walk` to run pages on concurrently (none if it should not).
 
-    Only an Engine can give more connections, and only PostgreSQL gains: SQLite
-    writes one transaction at a time, and MySQL's gap locks make adjacent pages
-    contend. The lanes never wait for a connection: with no room for them in
-    the engine's pool (the application may be using it), the job keeps to one.
+    Only an Engine can give more connections, and lanes serve PostgreSQL only,
+    where they are measured and tested: SQLite writes one transaction at a
+    time, and on MySQL (whose locking reads also lock the gaps next to the
+    keys they read) they have not been measured. The lanes never wait for a
+    connection: with no room for them in the engine's pool (the application
+    may be using it), the job keeps to one.
     """
     if not isinstance(bind, Engine) or bind.dialect.name != "postgresql" or not _room(bind.pool):
         yield []
