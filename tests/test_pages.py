@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from sqlalchemy_envelope import LocalKms
 from sqlalchemy_envelope.jobs import pg_arrays, reencrypt, verify
-from sqlalchemy_envelope.jobs.pages import LANES, lanes
+from sqlalchemy_envelope.jobs.pages import LANES, lanes, walk
 
 from .models import App, build
 
@@ -44,9 +47,9 @@ def test_lanes_only_where_they_help_and_the_pool_has_room(
     assert count(make_engine(pg_url, poolclass=sa.NullPool)) == LANES
     assert count(make_engine(pg_url, poolclass=sa.StaticPool)) == 0
     assert count(make_engine(pg_url, pool_size=1, max_overflow=0)) == 0
-    small = make_engine(pg_url, pool_size=2, max_overflow=0)
-    assert count(small) == LANES
-    with small.connect():  # the application holds one: no room for two more
+    small = make_engine(pg_url, pool_size=LANES + 1, max_overflow=0)
+    assert count(small) == LANES  # one connection stays free
+    with small.connect():  # the application holds one: no room for the lanes and one more
         assert count(small) == 0
     assert count(make_engine(sqlite_url)) == 0
 
@@ -93,3 +96,67 @@ def test_packed_arrays_round_trip(pg_url: str, make_engine: Callable[..., sa.Eng
     assert [None if v is None else bytes(v) for v in got[0]] == values
     assert [bytes(v) for v in got[1]] == [b"a", b"b"]
     assert got[2] == ints
+
+
+def numbers(
+    url: str, make_engine: Callable[..., sa.Engine], rows: int
+) -> tuple[sa.Engine, sa.Table]:
+    engine = make_engine(url)
+    table = sa.Table(
+        "numbers",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("v", sa.Integer),
+    )
+    table.create(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"id": i, "v": i} for i in range(1, rows + 1)])
+    return engine, table
+
+
+def test_a_key_changed_during_a_locked_read_skips_no_row(
+    pg_url: str, make_engine: Callable[..., sa.Engine]
+) -> None:
+    engine, t = numbers(pg_url, make_engine, 100)
+    seen: list[int] = []
+    with engine.connect() as app:
+        app.begin()
+        app.execute(t.update().where(t.c.id == 20).values(id=100_000))  # row 20 is now locked
+        with engine.connect() as conn:
+
+            def work(_: sa.Connection, rows: list[sa.Row[Any]]) -> None:
+                seen.extend(r.id for r in rows)
+
+            def job() -> None:
+                for _ in walk(conn, sa.select(t.c.id), [t.c.id], work, batch_size=20, lock=True):
+                    pass
+
+            thread = threading.Thread(target=job)
+            thread.start()
+            time.sleep(0.5)  # the first page's read now waits for row 20
+            app.commit()  # ...which comes back with key 100,000, outside the page
+            thread.join(10)
+    assert sorted(seen) == [*range(1, 20), *range(21, 101), 100_000]
+
+
+def test_an_early_stop_cancels_a_lane_waiting_for_a_lock(
+    pg_url: str, make_engine: Callable[..., sa.Engine]
+) -> None:
+    engine, t = numbers(pg_url, make_engine, 200)
+
+    class Stop(Exception):
+        pass
+
+    with engine.connect() as app, engine.connect() as conn, lanes(engine) as more:
+        app.begin()
+        app.execute(sa.select(t).where(t.c.id == 30).with_for_update())  # in the second page
+        started = time.monotonic()
+        with pytest.raises(Stop):
+            for _ in walk(
+                conn, sa.select(t.c.id), [t.c.id], lambda c, rows: None,
+                batch_size=20, lock=True, lanes=more,
+            ):  # fmt: skip
+                raise Stop  # the caller stops after the first page (say, Ctrl-C)
+        # The other lane was waiting for row 30, which the application still holds.
+        assert time.monotonic() - started < 5
+        app.rollback()

@@ -122,7 +122,7 @@ class Conversion:
             def work(lo: Key | None, hi: Key | None, renew: Callable[[], None]) -> None:
                 for rows in walk(
                     conn, query, pk, convert, batch_size=batch_size, lo=lo, hi=hi,
-                    before_batch=warm, lock=True, filtered=True, lanes=more,
+                    before_batch=warm, lock=True, lanes=more,
                 ):  # fmt: skip
                     report.rows += rows
                     renew()
@@ -134,7 +134,10 @@ class Conversion:
                 if warm is not None:
                     warm()
                 # Under the swap's table lock: no row locks, and one scan for the few rows left.
-                pages = walk(conn, query, pk, convert, batch_size=batch_size, transactions=False)
+                pages = walk(
+                    conn, query, pk, convert, batch_size=batch_size,
+                    transactions=False, bounded=False,
+                )  # fmt: skip
                 return sum(pages)
 
             def final() -> None:

@@ -21,10 +21,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from .batches import Key, in_range
+from .batches import Key, in_range, log
 
 #: Connections a job walks with on PostgreSQL: two overlap the Python and the
-#: database halves of a batch; more only queue for the same two cores' worth.
+#: database halves of a batch; a third gained nothing on two cores (docs/PERFORMANCE.md).
 LANES = 2
 
 Work = Callable[[Connection, list[sa.Row[Any]]], None]
@@ -37,25 +37,31 @@ def lanes(bind: Engine | Connection) -> Iterator[list[Connection]]:
     Only an Engine can give more connections, and lanes serve PostgreSQL only,
     where they are measured and tested: SQLite writes one transaction at a
     time, and on MySQL (whose locking reads also lock the gaps next to the
-    keys they read) they have not been measured. The lanes never wait for a
-    connection: with no room for them in the engine's pool (the application
-    may be using it), the job keeps to one.
+    keys they read) they have not been measured. Lanes are taken only from a
+    pool with room for them and one more connection (the application may be
+    using it); should it take them meanwhile, the job keeps to one connection
+    after the pool's timeout.
     """
     if not isinstance(bind, Engine) or bind.dialect.name != "postgresql" or not _room(bind.pool):
         yield []
         return
     with ExitStack() as stack:
-        yield [stack.enter_context(bind.connect()) for _ in range(LANES)]
+        try:
+            more = [stack.enter_context(bind.connect()) for _ in range(LANES)]
+        except sa.exc.TimeoutError:
+            stack.close()
+            more = []
+        yield more
 
 
 def _room(pool: sa.pool.Pool) -> bool:
-    """Whether ``pool`` can lend :data:`LANES` more connections right now."""
+    """Whether ``pool`` can lend :data:`LANES` connections and keep one free."""
     if isinstance(pool, sa.pool.NullPool):
         return True
     if not isinstance(pool, sa.pool.QueuePool):  # static, singleton-thread: one shared connection
         return False
     overflow = pool._max_overflow  # -1: unlimited
-    return overflow < 0 or pool.size() + overflow - pool.checkedout() >= LANES
+    return overflow < 0 or pool.size() + overflow - pool.checkedout() > LANES
 
 
 def walk(
@@ -70,10 +76,20 @@ def walk(
     before_batch: Callable[[], None] | None = None,
     transactions: bool = True,
     lock: bool = False,
-    filtered: bool = False,
+    bounded: bool = True,
     lanes: Sequence[Connection] = (),
 ) -> Iterator[int]:
     """Run ``work(connection, rows)`` on pages of ``query`` (whose first columns are ``pk``).
+
+    A page is the next ``batch_size`` keys of the table: its last key is
+    found first (an index-only scan), then ``query`` reads the rows up to it.
+    So a page's bounds do not depend on what the query reads: a filter (rows
+    already converted) cannot lead the planner to scan and sort the whole
+    table for a ``LIMIT`` (it did, on a new column without statistics), and a
+    row whose key an application changes while the read waits for its lock
+    cannot move the next page past rows not yet read. ``bounded=False`` reads
+    ``LIMIT batch_size`` rows of ``query`` instead: one scan for a few rows,
+    for a table nobody else can write (under a table lock).
 
     Each page is read and worked on in one transaction; its number of rows is
     yielded once it has committed. ``before_batch`` runs before each
@@ -81,8 +97,9 @@ def walk(
     inside would wait for our own write lock). With ``transactions=False`` the
     pages run inside the caller's transaction on ``conn``. With ``lanes``
     (see :func:`lanes`), the pages run on those connections concurrently
-    instead, and ``work`` must be thread-safe; closing the iterator early
-    lets the pages in progress commit, and starts no other.
+    instead, and ``work`` must be thread-safe; closing the iterator early (or
+    an error, or Ctrl-C) cancels the lanes' running statements, rolling back
+    their pages, and starts no other.
 
     ``lock`` locks each page's rows as it reads them, in key order (``FOR NO
     KEY UPDATE``, the lock an ``UPDATE`` takes; ``FOR UPDATE`` on MySQL;
@@ -91,15 +108,8 @@ def walk(
     order application writers that lock rows in key order take them too: it
     may make them wait for a batch, but never deadlocks with them, whatever
     order its writes visit the rows in.
-
-    ``filtered`` says that ``query`` skips rows (say, those already
-    converted). A page is then the next ``batch_size`` keys of the table,
-    found first, and the query reads the rows between them: a ``LIMIT`` over
-    a filter lets the planner guess how far the index must be scanned, and
-    when it guesses wrong (a new column has no statistics) it scans and sorts
-    the whole table for every page.
     """
-    pages = _Pages(query, pk, batch_size, lo, hi, lock, filtered)
+    pages = _Pages(query, pk, batch_size, lo, hi, lock, bounded)
 
     def lane(c: Connection) -> Iterator[int]:
         while True:
@@ -116,7 +126,7 @@ def walk(
     if not lanes or not transactions:
         yield from lane(conn)
         return
-    yield from _concurrently(pages, [lane(c) for c in lanes])
+    yield from _concurrently(pages, {c: lane(c) for c in lanes})
 
 
 class _Pages:
@@ -130,48 +140,47 @@ class _Pages:
         lo: Key | None,
         hi: Key | None,
         lock: bool,
-        filtered: bool,
+        bounded: bool,
     ) -> None:
         self.query, self.pk, self.batch_size = query, list(pk), batch_size
-        self.last, self.hi, self.lock, self.filtered = lo, hi, lock, filtered
-        self.done = False
+        self.last, self.hi, self.lock, self.bounded = lo, hi, lock, bounded
+        self.stopped = threading.Event()  # not behind `turn`: a read may wait on a row lock
         self.turn = threading.Lock()
 
     def stop(self) -> None:
-        with self.turn:
-            self.done = True
+        self.stopped.set()
 
     def next(self, conn: Connection) -> list[sa.Row[Any]] | None:
         """Read the next page on ``conn`` (in its transaction); None once there is none."""
         with self.turn:
-            if self.done:
+            if self.stopped.is_set():
                 return None
             pk, dialect, size = self.pk, conn.dialect.name, self.batch_size
-            upper = self.hi
-            if self.filtered:
-                page = sa.select(*pk).where(*in_range(pk, self.last, self.hi, dialect))
-                edge = conn.execute(page.order_by(*pk).offset(size - 1).limit(1)).first()
-                upper = self.hi if edge is None else tuple(edge)
+            if not self.bounded:
+                stmt = self.query.where(*in_range(pk, self.last, self.hi, dialect))
+                rows = list(conn.execute(stmt.order_by(*pk).limit(size)).all())
+                if len(rows) < size:
+                    self.stop()
+                if rows:
+                    self.last = tuple(rows[-1][: len(pk)])
+                return rows or None
+            keys = sa.select(*pk).where(*in_range(pk, self.last, self.hi, dialect))
+            edge = conn.execute(keys.order_by(*pk).offset(size - 1).limit(1)).first()
+            upper = self.hi if edge is None else tuple(edge)
             stmt = self.query.where(*in_range(pk, self.last, upper, dialect)).order_by(*pk)
-            if not self.filtered:
-                stmt = stmt.limit(size)
             if self.lock:
                 stmt = stmt.with_for_update(key_share=True)
             rows = list(conn.execute(stmt).all())
-            if self.filtered:
-                self.done, self.last = edge is None, upper
-                return rows
-            if not rows:
-                self.done = True
-                return None
-            self.done, self.last = len(rows) < size, tuple(rows[-1][: len(pk)])
+            if edge is None:
+                self.stop()
+            self.last = upper
             return rows
 
 
 _END = object()
 
 
-def _concurrently(pages: _Pages, lanes: list[Iterator[int]]) -> Iterator[int]:
+def _concurrently(pages: _Pages, lanes: dict[Connection, Iterator[int]]) -> Iterator[int]:
     """Run each lane in a thread; yield their counts as they come, raise their first error."""
     results: queue.Queue[Any] = queue.Queue()
 
@@ -184,11 +193,11 @@ def _concurrently(pages: _Pages, lanes: list[Iterator[int]]) -> Iterator[int]:
         finally:
             results.put(_END)
 
-    threads = [threading.Thread(target=run, args=(lane,), daemon=True) for lane in lanes]
+    threads = [threading.Thread(target=run, args=(lane,), daemon=True) for lane in lanes.values()]
     for thread in threads:
         thread.start()
+    running, finished = len(threads), False
     try:
-        running = len(threads)
         while running:
             item = results.get()
             if item is _END:
@@ -197,7 +206,29 @@ def _concurrently(pages: _Pages, lanes: list[Iterator[int]]) -> Iterator[int]:
                 raise item
             else:
                 yield item
+        finished = True
     finally:
         pages.stop()
+        if not finished:  # an error, Ctrl-C or an early close: do not wait out a lock
+            for conn in lanes:
+                _cancel(conn)
         for thread in threads:
             thread.join()
+        if not finished:
+            while running:
+                item = results.get()
+                if item is _END:
+                    running -= 1
+                elif isinstance(item, Exception):  # its type only: messages may quote values
+                    log.warning("a batch on another connection ended too: %s", type(item).__name__)
+
+
+def _cancel(conn: Connection) -> None:
+    """Ask the server to cancel ``conn``'s running statement, if any (from another thread)."""
+    try:
+        dbapi = conn.connection.dbapi_connection
+        cancel = getattr(dbapi, "cancel_safe", None) or getattr(dbapi, "cancel", None)
+        if cancel is not None:
+            cancel()
+    except Exception:  # noqa: S110 - already closed, or no statement: nothing to cancel
+        pass

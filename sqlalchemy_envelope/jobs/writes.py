@@ -52,8 +52,9 @@ class BatchWrite:
         where: Sequence[ColumnElement[bool]] = (),
     ) -> None:
         self.pk, self.guard = list(pk), guard
-        self.set_based = _set_based(dialect, pk) and _binary(column.type)
-        if not self.set_based:
+        key_type = _array_key_type(dialect, pk)
+        self.set_based = key_type is not None and _binary(column.type)
+        if key_type is None or not self.set_based:
             update = table.update().where(*where)
             if guard is not None:
                 update = update.where(guard == sa.bindparam("_env_old", type_=guard.type))
@@ -66,10 +67,8 @@ class BatchWrite:
         plain = isinstance(new_type, sa.types._Binary)
         self.process = None if plain else new_type._cached_bind_processor(dialect)
         key = self.pk[0]
-        # Plain integer keys go packed too; others (strings, UUIDs, decorated
-        # types) through their SQLAlchemy type, which may process each one.
-        self.int_keys = isinstance(key.type, sa.Integer)
-        arrays = [_array("_env_keys", key.type, packed=self.int_keys)]
+        self.int_keys = isinstance(key.type, sa.Integer)  # packed too; others go as a list
+        arrays = [_array("_env_keys", key_type, packed=self.int_keys)]
         names = [sa.column("_env_key", key.type)]
         if guard is not None:
             arrays.append(_array("_env_olds", sa.LargeBinary(), packed=True))
@@ -127,8 +126,10 @@ class BatchWrite:
             news = list(map(self.process, news))
         params = {
             "_env_keys": pg_arrays.Int8Array.of(ids) if self.int_keys else ids,
-            "_env_first": ids[0],
-            "_env_last": ids[-1],
+            # Not ids[0] and ids[-1]: a key changed while the read waited for its
+            # row lock comes back in its old place.
+            "_env_first": min(ids),
+            "_env_last": max(ids),
             "_env_news": pg_arrays.ByteaArray.of(news),
         }
         if olds is not None:
@@ -136,8 +137,21 @@ class BatchWrite:
         return int(conn.execute(self.whole, params).rowcount)
 
 
-def _set_based(dialect: Dialect, pk: Sequence[sa.Column[Any]]) -> bool:
-    return dialect.name == "postgresql" and dialect.driver == "psycopg" and len(pk) == 1
+def _array_key_type(dialect: Dialect, pk: Sequence[sa.Column[Any]]) -> Any:
+    """The element type of the key array, or None where a batch is written row by row.
+
+    The set-based write needs psycopg and a single-column key of a type whose
+    array cast cannot change a value: integers, UUIDs, and strings cast
+    without the model's length (an explicit cast to ``VARCHAR(n)`` truncates).
+    """
+    if dialect.name != "postgresql" or dialect.driver != "psycopg" or len(pk) != 1:
+        return None
+    key_type = pk[0].type
+    if isinstance(key_type, (sa.Integer, sa.Uuid)):
+        return key_type
+    if isinstance(key_type, sa.String) and not isinstance(key_type, sa.Enum):
+        return sa.String()
+    return None
 
 
 def _array(name: str, item: sa.types.TypeEngine[Any], packed: bool) -> ColumnElement[Any]:
