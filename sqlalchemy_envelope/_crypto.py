@@ -9,7 +9,6 @@ derive per-column sub-keys from a data key. Authentication failures surface as
 from __future__ import annotations
 
 import os
-from collections import deque
 from collections.abc import Callable
 from typing import Final
 
@@ -25,24 +24,6 @@ KEY_BYTES: Final = 32
 SIV_KEY_BYTES: Final = 64  # AES-SIV with AES-256 for both of its halves
 
 random_bytes = os.urandom
-
-#: Random nonces drawn from the OS in blocks: one ``urandom`` call per 64
-#: values instead of per value (a system call is ~40% of sealing a short value).
-#: Each nonce leaves the pool exactly once (``deque.popleft`` is atomic across
-#: threads); a forked child empties its copy so it never reuses the parent's.
-NONCES_PER_DRAW: Final = 64
-_nonces: deque[bytes] = deque()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_nonces.clear)
-
-
-def fresh_nonce() -> bytes:
-    """A nonce when the pool is empty: draw a block from the OS, keep one, pool the rest."""
-    block = random_bytes(NONCE_BYTES * NONCES_PER_DRAW)
-    _nonces.extend(
-        [block[i : i + NONCE_BYTES] for i in range(NONCE_BYTES, len(block), NONCE_BYTES)]
-    )
-    return block[:NONCE_BYTES]
 
 
 class AuthenticationFailed(Exception):
@@ -112,14 +93,11 @@ def column_cipher(
         return seal_siv, open_siv
 
     gcm = AESGCM(derive_key(data_key, info, KEY_BYTES))
-    encrypt, decrypt, take, fresh = gcm.encrypt, gcm.decrypt, _nonces.popleft, fresh_nonce
+    encrypt, decrypt, urandom = gcm.encrypt, gcm.decrypt, random_bytes
     body = offset + NONCE_BYTES
 
     def seal_gcm(plaintext: bytes) -> bytes:
-        try:
-            nonce = take()
-        except IndexError:
-            nonce = fresh()
+        nonce = urandom(NONCE_BYTES)
         return nonce + encrypt(nonce, plaintext, aad)
 
     def open_gcm(value: bytes) -> bytes:

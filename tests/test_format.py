@@ -10,11 +10,8 @@ import base64
 import datetime as dt
 import decimal
 import json
-import os
 import uuid
-import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -345,43 +342,6 @@ def test_nonces_are_fresh_and_equal_plaintexts_differ(app: tuple[App, sa.Engine,
         names = [bytes(v) for v in conn.execute(sa.text("SELECT name FROM patients")).scalars()]
     assert len({n[6:18] for n in names}) == 500
     assert len(set(names)) == 500
-
-
-def _seal_nonces(seal: Callable[[bytes], bytes], count: int) -> list[bytes]:
-    return [seal(b"x")[:12] for _ in range(count)]
-
-
-def test_nonces_stay_unique_across_threads() -> None:
-    # Nonces are drawn from the OS in blocks and handed out from a shared pool:
-    # no two threads may ever take the same one.
-    seal, _ = column_cipher(False, bytes(32), b"info", b"aad", 6)
-    with ThreadPoolExecutor(8) as pool:
-        batches = list(pool.map(lambda _: _seal_nonces(seal, 5_000), range(8)))
-    nonces = [n for batch in batches for n in batch]
-    assert len(nonces) == 40_000 and len(set(nonces)) == 40_000
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_a_forked_child_never_reuses_the_parents_nonces() -> None:
-    seal, _ = column_cipher(False, bytes(32), b"info", b"aad", 6)
-    seal(b"x")  # the pool now holds nonces the child would inherit
-    read_end, write_end = os.pipe()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
-        pid = os.fork()
-    if pid == 0:  # the child: send its next nonces, then leave at once
-        try:
-            os.write(write_end, b"".join(_seal_nonces(seal, 8)))
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        child = pipe.read()
-    os.waitpid(pid, 0)
-    parent = _seal_nonces(seal, 8)
-    child_nonces = {child[i : i + 12] for i in range(0, len(child), 12)}
-    assert len(child_nonces) == 8
-    assert not child_nonces & set(parent)
 
 
 def test_rotation_moves_new_writes_to_a_new_key(app: tuple[App, sa.Engine, LocalKms]) -> None:
