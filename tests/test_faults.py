@@ -9,7 +9,8 @@
   (``encrypt_column`` under SIGKILL: ``test_inplace.test_sigkill_at_random_points_then_rerun``.)
 * Eight threads insert, update and read encrypted rows while the main thread
   rotates the scope twice and re-encrypts it: no error, no lost or changed
-  row, no deadlock.
+  row, no deadlock. Four threads update a plaintext column while
+  ``encrypt_column`` converts it: every committed update ends up encrypted.
 """
 
 from __future__ import annotations
@@ -502,3 +503,53 @@ def test_writers_and_readers_during_rotation_and_reencrypt(
     assert last.ok and last.values_changed == 0
     assert stored_keys(db.engine) == {newest: values_in(expected)}
     assert read(db.engine, db.table) == expected
+
+
+def test_updates_of_the_plaintext_column_during_encrypt_column_are_kept(
+    pg_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    # The application's old code keeps updating the plaintext column while the shadow
+    # fills on two lanes; its writes fail once the column is swapped. Every update that
+    # committed must be in the encrypted column, whichever batch had converted the row.
+    db = make_db(pg_url, make_engine, local_kms, encrypted=False, pool_size=8)
+    stop, t = threading.Event(), db.table
+    last: dict[int, str] = {row[0]: row[1] for row in db.expected}
+    committed: list[int] = []
+
+    def write(thread: int) -> None:
+        rng, version = random.Random(thread), 0
+        mine = [i for i in last if i % 4 == thread]
+        while not stop.is_set():
+            i, version = rng.choice(mine), version + 1
+            new = f"Owner {i} t{thread} v{version}"
+            try:
+                with db.engine.begin() as conn:
+                    conn.execute(t.update().where(t.c.id == i).values(owner=new))
+            except sa.exc.DBAPIError:  # the column is bytes now: the old code's writes fail
+                return
+            last[i] = new
+            committed.append(i)
+
+    def slow(done: int, total: int | None) -> None:
+        time.sleep(0.01)  # leave the writers time to update rows already converted
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        encrypt_column(
+            db.envelope, db.engine, "accounts", "owner", Encrypted(sa.String(60)),
+            batch_size=20, progress=slow,
+        )  # fmt: skip
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    assert len(committed) > 100  # the writers were busy during the fill
+    view = sa.Table(
+        "accounts", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("owner", Encrypted(sa.String(60), db.envelope)),
+    )  # fmt: skip
+    with db.engine.connect() as conn:
+        stored = {i: owner for i, owner in conn.execute(sa.select(view.c.id, view.c.owner))}
+    assert stored == last

@@ -19,7 +19,14 @@ import pytest
 import sqlalchemy as sa
 
 from sqlalchemy_envelope import Encrypted, Envelope, LocalKms, wire
-from sqlalchemy_envelope.jobs import decrypt_column, encrypt_column, verify
+from sqlalchemy_envelope.jobs import (
+    abandon_conversion,
+    decrypt_column,
+    encrypt_column,
+    trigger,
+    verify,
+)
+from sqlalchemy_envelope.jobs.batches import Progress
 
 ROWS = 240
 
@@ -91,6 +98,7 @@ def encrypted_view(table: sa.Table, envelope: Envelope, columns: list[str]) -> s
             sa.Column(c.name, Encrypted(c.type, envelope) if c.name in columns else c.type)
             for c in table.columns
         ),
+        schema=table.schema,
     )
 
 
@@ -172,9 +180,19 @@ def test_encrypt_column_resumes_after_an_interruption(
         half = conn.execute(sa.text("SELECT COUNT(s__envelope) FROM records")).scalar_one()
     # Every batch reported committed (on PostgreSQL, the other lane may have committed one more).
     assert half >= reported[-1] >= 100
+    with engine.begin() as conn:  # as a run stopped between adding the shadow and its trigger
+        assert trigger.exists(conn, "records", None, "s__envelope")
+        trigger.remove(conn, "records", None, "s__envelope")
+    watched: list[bool] = []
+
+    def watch(done: int, total: int | None) -> None:
+        with engine.connect() as conn:
+            watched.append(trigger.exists(conn, "records", None, "s__envelope"))
+
     report = encrypt_column(
-        envelope, engine, "records", "s", Encrypted(sa.String(40)), batch_size=50
+        envelope, engine, "records", "s", Encrypted(sa.String(40)), batch_size=50, progress=watch
     )
+    assert watched and all(watched)  # the rerun put the trigger back before filling
     assert report.rows == len([r for r in before if r[2] is not None]) - half and report.swapped
     assert read(engine, encrypted_view(table, envelope, ["s"])) == before
 
@@ -186,7 +204,12 @@ def test_encrypt_column_resumes_after_an_interruption(
     assert "s__envelope_plain" in {c["name"] for c in sa.inspect(engine).get_columns("records")}
     assert encrypt_column(envelope, engine, "records", "s", Encrypted(sa.String(40))).already_done
     assert "s__envelope_plain" not in {c["name"] for c in sa.inspect(engine).get_columns("records")}
-    assert read(engine, encrypted_view(table, envelope, ["s"])) == before
+    view = encrypted_view(table, envelope, ["s"])
+    assert read(engine, view) == before
+    with engine.begin() as conn:  # its trigger went with it: updates of the column still work
+        assert not trigger.exists(conn, "records", None, "s__envelope_plain")
+        conn.execute(view.update().where(view.c.id == 1).values(s="updated"))
+    assert read(engine, view)[0][2] == "updated"
 
 
 def test_rows_inserted_during_the_fill_are_converted(
@@ -219,6 +242,107 @@ def test_rows_inserted_during_the_fill_are_converted(
         assert (
             conn.execute(sa.select(view.c.s).where(view.c.id == ROWS + 1)).scalar_one() == late["s"]
         )
+
+
+def test_updates_during_the_fill_are_kept(
+    setup: tuple[Envelope, sa.Engine, sa.Table, list[tuple[Any, ...]]],
+) -> None:
+    # Rows 1 and 2 are converted in the first batch, then the application updates them;
+    # row 150 is updated before the fill gets there. Both ways, no update may be lost.
+    envelope, engine, table, before = setup
+    view = encrypted_view(table, envelope, ["s"])
+
+    def updating_once(target: sa.Table, changes: dict[int, str | None]) -> Progress:
+        def update(done: int, total: int | None) -> None:
+            if changes:
+                with engine.begin() as conn:
+                    for id_, new in changes.items():
+                        conn.execute(target.update().where(target.c.id == id_).values(s=new))
+                changes.clear()
+
+        return update
+
+    def expected(
+        changes: dict[int, str | None], rows: list[tuple[Any, ...]]
+    ) -> list[tuple[Any, ...]]:
+        return [(*r[:2], changes[r[0]], *r[3:]) if r[0] in changes else r for r in rows]
+
+    first = {1: "changed 1", 2: None, 150: "changed 150"}
+    after_first = expected(first, before)
+    encrypt_column(
+        envelope, engine, "records", "s", Encrypted(sa.String(40)), batch_size=50,
+        progress=updating_once(table, dict(first)),
+    )  # fmt: skip
+    assert read(engine, view) == after_first
+
+    second = {3: "changed 3", 1: None, 160: "changed 160"}  # written encrypted, as new code does
+    decrypt_column(
+        envelope, engine, "records", "s", sa.String(40), batch_size=50,
+        progress=updating_once(view, dict(second)),
+    )  # fmt: skip
+    assert read(engine, table) == expected(second, after_first)
+    with engine.connect() as conn:  # the triggers went with the shadows
+        for suffix in ("__envelope", "__envelope_plain"):
+            assert not trigger.exists(conn, "records", None, "s" + suffix)
+
+
+def test_an_unfinished_conversion_can_be_abandoned(
+    setup: tuple[Envelope, sa.Engine, sa.Table, list[tuple[Any, ...]]],
+) -> None:
+    envelope, engine, table, before = setup
+
+    def stop(done: int, total: int | None) -> None:
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        encrypt_column(
+            envelope, engine, "records", "s", Encrypted(sa.String(40)), batch_size=50, progress=stop
+        )
+    assert abandon_conversion(engine, "records", "s") == ["s__envelope"]
+    assert abandon_conversion(engine, "records", "s") == []
+    assert {c["name"] for c in sa.inspect(engine).get_columns("records")} == {
+        c.name for c in table.c
+    }
+    with engine.begin() as conn:  # no trigger left behind: updates of the column work
+        assert not trigger.exists(conn, "records", None, "s__envelope")
+        conn.execute(table.update().where(table.c.id == 1).values(s="updated"))
+    assert read(engine, table) == [(*before[0][:2], "updated", *before[0][3:]), *before[1:]]
+
+
+def test_a_table_in_another_schema(
+    pg_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    engine = make_engine(pg_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP SCHEMA IF EXISTS envelope_other CASCADE")
+        conn.exec_driver_sql("CREATE SCHEMA envelope_other")
+    envelope = Envelope(sa.MetaData())
+    envelope.metadata.create_all(engine)  # type: ignore[union-attr]
+    envelope.configure(kms=local_kms, engine=engine)
+    table = sa.Table(
+        "records", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("s", sa.String(40)), schema="envelope_other",
+    )  # fmt: skip
+    table.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"id": i, "s": f"v{i}"} for i in range(1, 101)])
+
+    def update(done: int, total: int | None) -> None:
+        with engine.begin() as conn:
+            conn.execute(table.update().where(table.c.id == 1).values(s="changed"))
+
+    encrypt_column(
+        envelope, engine, "records", "s", Encrypted(sa.String(40)), batch_size=20,
+        schema="envelope_other", progress=update,
+    )  # fmt: skip
+    view = encrypted_view(table, envelope, ["s"])
+    assert read(engine, view) == [(1, "changed")] + [(i, f"v{i}") for i in range(2, 101)]
+    with engine.connect() as conn:
+        assert not trigger.exists(conn, "records", "envelope_other", "s__envelope")
+        functions = sa.text("SELECT count(*) FROM pg_proc WHERE proname LIKE 'envelope_stale_%'")
+        assert conn.execute(functions).scalar_one() == 0
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP SCHEMA envelope_other CASCADE")
 
 
 def test_misuse(setup: tuple[Envelope, sa.Engine, sa.Table, list[tuple[Any, ...]]]) -> None:
@@ -318,10 +442,9 @@ def test_a_failing_batch_names_no_value(
     with pytest.raises(sa.exc.DBAPIError) as failure:  # a plaintext type too narrow for the values
         decrypt_column(envelope, engine, "records", "s", sa.String(5))
     assert "secret" not in str(failure.value) and "parameters" not in str(failure.value)
-    # The encrypted column is untouched; dropping the shadow and rerunning recovers.
+    # The encrypted column is untouched; abandoning the shadow and rerunning recovers.
     assert read(engine, encrypted_view(table, envelope, ["s"])) == before
-    with engine.begin() as conn:
-        conn.execute(sa.text("ALTER TABLE records DROP COLUMN s__envelope_plain"))
+    assert abandon_conversion(engine, "records", "s") == ["s__envelope_plain"]
     decrypt_column(envelope, engine, "records", "s", sa.String(40))
     assert read(engine, table) == before
 

@@ -7,8 +7,8 @@ batch, holding one batch in memory per connection it runs batches on (two
 on PostgreSQL, see :mod:`sqlalchemy_envelope.jobs.pages`; one elsewhere).
 The pieces: ``batches`` (key ranges, connections, progress), ``pages`` (the
 walk), ``writes`` and ``pg_arrays`` (writing a batch back), ``claims``
-(workers sharing a table), ``conversion`` and ``swap`` (columns converted in
-place), ``discovery`` and ``reports``. ``distributed=True`` lets several workers
+(workers sharing a table), ``conversion``, ``trigger`` and ``swap`` (columns
+converted in place), ``discovery`` and ``reports``. ``distributed=True`` lets several workers
 share one table through claimed key ranges (see :mod:`sqlalchemy_envelope.jobs.claims`).
 Progress is logged at INFO on the ``sqlalchemy_envelope`` logger with scopes,
 key ids and counts, never values.
@@ -39,7 +39,7 @@ from .batches import (
 )
 from .claims import SharedJob, job_name, jobs_table, jobs_table_name
 from .discovery import Target, resolve
-from .inplace import decrypt_column, encrypt_column, reencrypt_column
+from .inplace import abandon_conversion, decrypt_column, encrypt_column, reencrypt_column
 from .pages import lanes, walk
 from .reports import (
     KEY_DESTROYED,
@@ -59,6 +59,7 @@ __all__ = [
     "ColumnJobReport",
     "ReencryptReport",
     "VerifyReport",
+    "abandon_conversion",
     "decrypt_column",
     "encrypt_column",
     "reencrypt",

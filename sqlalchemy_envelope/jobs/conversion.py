@@ -13,6 +13,10 @@ column, no shadow         not started, or finished (told apart by the values)
 column and shadow         filling: rows whose shadow is NULL still need it
 ========================  ==================================================
 
+While filling, a trigger (:mod:`~sqlalchemy_envelope.jobs.trigger`) sets a
+row's shadow back to NULL when the application updates the column, so the
+update is converted too; it comes and goes with the shadow.
+
 A rerun picks up from there. The source is always the original column, so a
 value is never encrypted twice, and the column is dropped only in the same
 atomic step that puts the complete shadow in its place.
@@ -31,6 +35,7 @@ from sqlalchemy.schema import CreateColumn
 
 from .. import wire
 from ..errors import ConfigurationError
+from . import trigger
 from .batches import (
     Key,
     Progress,
@@ -61,6 +66,27 @@ def shadow_name(column: str, suffix: str) -> str:
         return name
     digest = hashlib.sha256(column.encode()).hexdigest()[:8]
     return f"{column[: MAX_NAME - len(suffix) - 9]}_{digest}{suffix}"
+
+
+def abandon(bind: Engine | Connection, table: str, column: str, schema: str | None) -> list[str]:
+    """Drop the shadow columns (and their triggers) of unfinished conversions of ``column``."""
+    with connect(bind) as conn:
+        with conn.begin():
+            present = {c["name"] for c in sa.inspect(conn).get_columns(table, schema)}
+        shadows = [shadow_name(column, s) for s in (ENCRYPTING, DECRYPTING)]
+        dropped = [shadow for shadow in shadows if shadow in present]
+        for shadow in dropped:
+            drop_shadow(conn, table, schema, shadow)
+    return dropped
+
+
+def drop_shadow(conn: Connection, table: str, schema: str | None, shadow: str) -> None:
+    """Drop a shadow column and its trigger, in one transaction where DDL allows."""
+    q = conn.dialect.identifier_preparer
+    with conn.begin():
+        trigger.remove(conn, table, schema, shadow)
+        qt = q.format_table(sa.table(table, schema=schema))
+        conn.exec_driver_sql(f"ALTER TABLE {qt} DROP COLUMN {q.quote(shadow)}")
 
 
 class Conversion:
@@ -202,17 +228,31 @@ class Conversion:
                 self.column,
                 self.other,
             )
-            self._ddl(conn, f"DROP COLUMN {self._q(conn, self.other)}")
+            drop_shadow(conn, self.table, self.schema, self.other)
+        if state == "filling":  # as left by a run that stopped before creating it
+            self._ensure_trigger(conn)
         if state != "start":
             return state
         spec = CreateColumn(sa.Column(self.shadow, self.shadow_type, nullable=True))
         try:
-            self._ddl(conn, f"ADD COLUMN {spec.compile(dialect=conn.dialect)}")
+            with conn.begin():  # one transaction where DDL is transactional (not MySQL)
+                self._ddl(conn, f"ADD COLUMN {spec.compile(dialect=conn.dialect)}")
+                trigger.install(conn, self.table, self.schema, self.column, self.shadow)
         except sa.exc.DBAPIError:
             if self._state(conn) != "filling":  # not another worker's concurrent add
                 raise
-            return "filling"
+            return self._prepare(conn)
         return "added"
+
+    def _ensure_trigger(self, conn: Connection) -> None:
+        args = (conn, self.table, self.schema)
+        try:
+            with conn.begin():
+                trigger.install(*args, self.column, self.shadow)
+        except sa.exc.DBAPIError:
+            with conn.begin():  # another worker created it meanwhile?
+                if not trigger.exists(*args, self.shadow):
+                    raise
 
     def _holds_ciphertext(self, conn: Connection, reflected: Any) -> bool:
         if not isinstance(reflected, sa.types._Binary):
@@ -229,10 +269,7 @@ class Conversion:
         with conn.begin():
             return sa.Table(self.table, sa.MetaData(), schema=self.schema, autoload_with=conn)
 
-    def _q(self, conn: Connection, name: str) -> str:
-        return str(conn.dialect.identifier_preparer.quote(name))
-
     def _ddl(self, conn: Connection, clause: str) -> None:
+        """``ALTER TABLE`` in the caller's transaction."""
         qt = conn.dialect.identifier_preparer.format_table(sa.table(self.table, schema=self.schema))
-        with conn.begin():
-            conn.exec_driver_sql(f"ALTER TABLE {qt} {clause}")
+        conn.exec_driver_sql(f"ALTER TABLE {qt} {clause}")

@@ -15,13 +15,13 @@ from sqlalchemy.engine import Connection, Engine
 
 from ..column import Encrypted
 from .batches import Progress
-from .conversion import DECRYPTING, ENCRYPTING, Conversion
+from .conversion import DECRYPTING, ENCRYPTING, Conversion, abandon
 from .reports import ColumnJobReport, ReencryptReport
 
 if TYPE_CHECKING:
     from ..envelope import Envelope
 
-__all__ = ["decrypt_column", "encrypt_column", "reencrypt_column"]
+__all__ = ["abandon_conversion", "decrypt_column", "encrypt_column", "reencrypt_column"]
 
 
 def encrypt_column(
@@ -44,10 +44,11 @@ def encrypt_column(
     omitted); the plaintext is read through its inner type, which should be
     the type the application declared for the column. Resumable: rerun after
     a crash at any point finishes the job, and a rerun after success does
-    nothing. Stop the application's writes to this column for the duration
-    (its old code writes plaintext, its new code ciphertext): rows inserted
-    meanwhile are still converted before the swap, but a row updated after
-    its batch was converted would keep the converted, older value.
+    nothing. The application may keep writing to the column while the
+    shadow fills: inserted rows are converted before the swap, and rows
+    updated after their batch are converted again (a trigger clears their
+    shadow, see :mod:`sqlalchemy_envelope.jobs.trigger`). Switch its code at
+    the swap: the old code writes plaintext, the new code ciphertext.
     ``distributed=True`` shares the filling among several workers, and an
     Engine on PostgreSQL fills on two connections at once, as for
     :func:`sqlalchemy_envelope.jobs.reencrypt`.
@@ -94,6 +95,21 @@ def decrypt_column(
         table_name, column_name, schema, DECRYPTING, read=reader, write=plain, shadow_type=plain
     )
     return job.run(envelope, bind, batch_size, progress, distributed, chunk_rows, lease, warm=None)
+
+
+def abandon_conversion(
+    bind: Engine | Connection, table_name: str, column_name: str, *, schema: str | None = None
+) -> list[str]:
+    """Undo what an unfinished ``encrypt_column`` or ``decrypt_column`` left behind.
+
+    Drops the shadow column (``<column>__envelope`` or ``__envelope_plain``)
+    and the trigger that goes with it; the column itself, which the
+    conversion never touches before its swap, is left as it is. Returns the
+    names of the shadows dropped (none if there was nothing to undo). Use it
+    when a conversion cannot finish as written (a ``decrypt_column`` type too
+    narrow for the values, say), then run the corrected one.
+    """
+    return abandon(bind, table_name, column_name, schema)
 
 
 def reencrypt_column(

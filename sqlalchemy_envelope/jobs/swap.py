@@ -28,6 +28,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.schema import CreateColumn
 
+from . import trigger
+
 log = logging.getLogger("sqlalchemy_envelope")
 
 FillRest = Callable[[], int]
@@ -59,6 +61,7 @@ def swap(
             conn.exec_driver_sql(f"LOCK TABLES {qt} WRITE")
             try:
                 _finish_fill(fill_rest, table, column)
+                trigger.remove(conn, table, schema, shadow)
                 nullable, indexes = _schema(conn, table, schema, column)
                 spec = _column_spec(conn, column, new_type, nullable)
                 clauses = [f"DROP INDEX {q.quote(i.name)}" for i in indexes]
@@ -79,6 +82,7 @@ def swap(
             lock = f"UPDATE {qt} SET {q.quote(shadow)} = {q.quote(shadow)} WHERE 1 = 0"  # noqa: S608
             conn.exec_driver_sql(lock)
         _finish_fill(fill_rest, table, column)
+        trigger.remove(conn, table, schema, shadow)
         nullable, indexes = _schema(conn, table, schema, column)
         if dialect == "postgresql":
             conn.exec_driver_sql(f"ALTER TABLE {qt} DROP COLUMN {q.quote(column)}")

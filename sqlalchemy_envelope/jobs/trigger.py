@@ -1,0 +1,129 @@
+"""While a column is being converted, the application's updates to it clear its shadow.
+
+The fill converts each row once. A row that the application updates after
+its batch was converted would otherwise carry the older, converted value
+into the swap. So while the shadow column exists, a trigger sets a row's
+shadow back to NULL whenever an ``UPDATE`` writes the column, and the row is
+converted again: by the fill if it has not got there yet, else by the swap's
+last pass under its table lock. The trigger is created with the shadow (in
+the same transaction on PostgreSQL) and dropped in the swap's atomic step.
+
+* PostgreSQL: ``BEFORE UPDATE OF column``, a PL/pgSQL function of the same
+  name that sets ``NEW.shadow := NULL``.
+* SQLite: ``AFTER UPDATE OF column``, which updates the row's shadow by key.
+* MySQL/MariaDB: ``BEFORE UPDATE``, setting the shadow to NULL when the
+  column's value changed. Creating it needs the ``TRIGGER`` privilege (and,
+  with binary logging, ``SUPER`` or ``log_bin_trust_function_creators``);
+  without them the job logs a warning and goes on without it.
+
+Its name is ``envelope_stale_`` and a digest of table and shadow. A
+conversion is abandoned by running it the other way (which drops the shadow
+and the trigger together), not by dropping the shadow column by hand: on
+PostgreSQL the trigger would then fail every update of the column.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+log = logging.getLogger("sqlalchemy_envelope")
+
+
+def trigger_name(table: str, schema: str | None, shadow: str) -> str:
+    digest = hashlib.sha256(f"{schema or ''}.{table}.{shadow}".encode()).hexdigest()[:16]
+    return f"envelope_stale_{digest}"
+
+
+def install(conn: Connection, table: str, schema: str | None, column: str, shadow: str) -> bool:
+    """Create the trigger unless it exists (in the caller's transaction); False if refused."""
+    dialect, q = conn.dialect.name, conn.dialect.identifier_preparer
+    name = trigger_name(table, schema, shadow)
+    qt = q.format_table(sa.table(table, schema=schema))
+    qn, qc, qs = q.quote(name), q.quote(column), q.quote(shadow)
+    if exists(conn, table, schema, shadow):
+        return True
+    if dialect == "postgresql":
+        fn = _qualified(conn, schema, name)
+        conn.exec_driver_sql(
+            f"CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql "
+            f"AS $envelope$ BEGIN NEW.{qs} := NULL; RETURN NEW; END $envelope$"
+        )
+        conn.exec_driver_sql(
+            f"CREATE TRIGGER {qn} BEFORE UPDATE OF {qc} ON {qt} "
+            f"FOR EACH ROW EXECUTE FUNCTION {fn}()"
+        )
+    elif dialect == "sqlite":
+        pk = sa.inspect(conn).get_pk_constraint(table, schema)["constrained_columns"]
+        same_row = " AND ".join(f"{q.quote(c)} = NEW.{q.quote(c)}" for c in pk)
+        conn.exec_driver_sql(
+            f"CREATE TRIGGER {_qualified(conn, schema, name)} AFTER UPDATE OF {qc} "  # noqa: S608
+            f"ON {q.quote(table)} FOR EACH ROW BEGIN "
+            f"UPDATE {q.quote(table)} SET {qs} = NULL WHERE {same_row}; END"
+        )
+    elif dialect == "mysql":
+        try:
+            conn.exec_driver_sql(
+                f"CREATE TRIGGER {_qualified(conn, schema, name)} BEFORE UPDATE ON {qt} "  # noqa: S608
+                f"FOR EACH ROW SET NEW.{qs} = IF(OLD.{qc} <=> NEW.{qc}, NEW.{qs}, NULL)"
+            )
+        except sa.exc.DBAPIError as exc:
+            log.warning(
+                "%s.%s: could not create the trigger that catches updates during the "
+                "conversion (%s); stop the application's writes to the column until it ends",
+                table,
+                column,
+                type(exc.orig).__name__,
+            )
+            return False
+    else:
+        log.warning(
+            "%s.%s: updates during the conversion are not caught on %s; stop the "
+            "application's writes to the column until it ends",
+            table,
+            column,
+            dialect,
+        )
+        return False
+    return True
+
+
+def remove(conn: Connection, table: str, schema: str | None, shadow: str) -> None:
+    """Drop the trigger if it exists (in the caller's transaction or table lock)."""
+    dialect, q = conn.dialect.name, conn.dialect.identifier_preparer
+    name = trigger_name(table, schema, shadow)
+    if dialect == "postgresql":
+        qt = q.format_table(sa.table(table, schema=schema))
+        conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {q.quote(name)} ON {qt}")
+        conn.exec_driver_sql(f"DROP FUNCTION IF EXISTS {_qualified(conn, schema, name)}()")
+    elif dialect in ("sqlite", "mysql"):
+        conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {_qualified(conn, schema, name)}")
+
+
+def exists(conn: Connection, table: str, schema: str | None, shadow: str) -> bool:
+    dialect, name = conn.dialect.name, trigger_name(table, schema, shadow)
+    params: dict[str, Any] = {"name": name}
+    if dialect == "postgresql":
+        sql = "SELECT 1 FROM pg_trigger WHERE tgname = :name AND tgrelid = to_regclass(:qt)"
+        params["qt"] = conn.dialect.identifier_preparer.format_table(sa.table(table, schema=schema))
+    elif dialect == "sqlite":
+        master = _qualified(conn, schema, "sqlite_master")
+        sql = f"SELECT 1 FROM {master} WHERE type = 'trigger' AND name = :name"  # noqa: S608
+    elif dialect == "mysql":
+        sql = (
+            "SELECT 1 FROM information_schema.triggers WHERE trigger_name = :name "
+            "AND event_object_table = :table AND trigger_schema = COALESCE(:schema, DATABASE())"
+        )
+        params.update(table=table, schema=schema)
+    else:
+        return False
+    return conn.execute(sa.text(sql), params).first() is not None
+
+
+def _qualified(conn: Connection, schema: str | None, name: str) -> str:
+    q = conn.dialect.identifier_preparer
+    return f"{q.quote_schema(schema)}.{q.quote(name)}" if schema else q.quote(name)
