@@ -194,12 +194,13 @@ def test_a_concurrent_write_is_kept(
     a.envelope.rotate("patients")
     job_engine = make_engine(db_url)
     app_write = threading.Thread(target=rename_patient_one, args=(a, engine))
+    first = threading.Lock()  # two lanes may reach their first UPDATE together: start once
 
     @event.listens_for(job_engine, "before_cursor_execute")
     def app_writes_first(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         # Between the job's read of the first batch and its first write, the
         # application updates patient 1 (another thread, another connection).
-        if statement.lstrip().upper().startswith("UPDATE") and app_write.ident is None:
+        if statement.lstrip().upper().startswith("UPDATE") and first.acquire(blocking=False):
             app_write.start()
             app_write.join(1.0)
 
