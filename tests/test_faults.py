@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import os
 import random
 import signal
@@ -161,14 +162,12 @@ class Terminator:
 
     def on_statement(self, engine: sa.Engine, match: Callable[[str], bool], nth: int) -> None:
         """Kill the job's connection just before the ``nth`` statement that ``match``es."""
-        seen = [0]
+        seen = itertools.count(1)  # next() is atomic: lanes may run statements at once
 
         @event.listens_for(engine, "before_cursor_execute")
         def before(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-            if match(statement.lstrip().upper()):
-                seen[0] += 1
-                if seen[0] == nth:
-                    self.kill()
+            if match(statement.lstrip().upper()) and next(seen) == nth:
+                self.kill()
 
     def after_first_batch(self) -> Callable[[int, int | None], None]:
         def progress(done: int, total: int | None) -> None:
