@@ -327,9 +327,16 @@ def test_a_table_in_another_schema(
     with engine.begin() as conn:
         conn.execute(table.insert(), [{"id": i, "s": f"v{i}"} for i in range(1, 101)])
 
+    functions = sa.text(
+        "SELECT count(*) FROM pg_proc JOIN pg_namespace n ON n.oid = pronamespace "
+        "WHERE nspname = 'envelope_other' AND proname LIKE 'envelope_stale_%'"
+    )
+    during: list[int] = []
+
     def update(done: int, total: int | None) -> None:
         with engine.begin() as conn:
             conn.execute(table.update().where(table.c.id == 1).values(s="changed"))
+            during.append(conn.execute(functions).scalar_one())
 
     encrypt_column(
         envelope, engine, "records", "s", Encrypted(sa.String(40)), batch_size=20,
@@ -337,9 +344,9 @@ def test_a_table_in_another_schema(
     )  # fmt: skip
     view = encrypted_view(table, envelope, ["s"])
     assert read(engine, view) == [(1, "changed")] + [(i, f"v{i}") for i in range(2, 101)]
+    assert during and set(during) == {1}  # the trigger's function lives beside the table
     with engine.connect() as conn:
         assert not trigger.exists(conn, "records", "envelope_other", "s__envelope")
-        functions = sa.text("SELECT count(*) FROM pg_proc WHERE proname LIKE 'envelope_stale_%'")
         assert conn.execute(functions).scalar_one() == 0
     with engine.begin() as conn:
         conn.exec_driver_sql("DROP SCHEMA envelope_other CASCADE")
@@ -355,6 +362,13 @@ def test_misuse(setup: tuple[Envelope, sa.Engine, sa.Table, list[tuple[Any, ...]
 
     with pytest.raises(ConfigurationError, match="no column"):
         encrypt_column(envelope, engine, "records", "nope", Encrypted(sa.String(40)))
+    loose = sa.Table("loose", sa.MetaData(), sa.Column("s", sa.String(40)))
+    loose.create(engine)
+    with pytest.raises(ConfigurationError, match="no primary key"):
+        encrypt_column(envelope, engine, "loose", "s", Encrypted(sa.String(40)))
+    assert [c["name"] for c in sa.inspect(engine).get_columns("loose")] == ["s"]  # nothing added
+    with engine.connect() as conn:
+        assert not trigger.exists(conn, "loose", None, "s__envelope")
 
 
 # -- killed with SIGKILL at random moments, then finished -----------------------------------

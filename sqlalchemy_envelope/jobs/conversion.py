@@ -125,6 +125,7 @@ class Conversion:
         report = ColumnJobReport(self.table, self.column)
         where = f"{self.table}.{self.column}"
         with connect(bind) as conn, lanes(bind) as more:
+            primary_key(self._reflect(conn))  # before any DDL: the job pages by it
             state = self._prepare(conn)
             if state == "done":
                 report.already_done = True
