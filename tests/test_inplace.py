@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,10 +18,12 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy import event
 
-from sqlalchemy_envelope import Encrypted, Envelope, LocalKms, wire
+from sqlalchemy_envelope import ConfigurationError, Encrypted, Envelope, LocalKms, wire
 from sqlalchemy_envelope.jobs import (
     abandon_conversion,
+    conversion,
     decrypt_column,
     encrypt_column,
     trigger,
@@ -180,19 +183,11 @@ def test_encrypt_column_resumes_after_an_interruption(
         half = conn.execute(sa.text("SELECT COUNT(s__envelope) FROM records")).scalar_one()
     # Every batch reported committed (on PostgreSQL, the other lane may have committed one more).
     assert half >= reported[-1] >= 100
-    with engine.begin() as conn:  # as a run stopped between adding the shadow and its trigger
+    with engine.connect() as conn:
         assert trigger.exists(conn, "records", None, "s__envelope")
-        trigger.remove(conn, "records", None, "s__envelope")
-    watched: list[bool] = []
-
-    def watch(done: int, total: int | None) -> None:
-        with engine.connect() as conn:
-            watched.append(trigger.exists(conn, "records", None, "s__envelope"))
-
     report = encrypt_column(
-        envelope, engine, "records", "s", Encrypted(sa.String(40)), batch_size=50, progress=watch
+        envelope, engine, "records", "s", Encrypted(sa.String(40)), batch_size=50
     )
-    assert watched and all(watched)  # the rerun put the trigger back before filling
     assert report.rows == len([r for r in before if r[2] is not None]) - half and report.swapped
     assert read(engine, encrypted_view(table, envelope, ["s"])) == before
 
@@ -210,6 +205,75 @@ def test_encrypt_column_resumes_after_an_interruption(
         assert not trigger.exists(conn, "records", None, "s__envelope_plain")
         conn.execute(view.update().where(view.c.id == 1).values(s="updated"))
     assert read(engine, view)[0][2] == "updated"
+
+
+def test_an_update_between_a_batchs_read_and_write_is_kept(
+    setup: tuple[Envelope, sa.Engine, sa.Table, list[tuple[Any, ...]]],
+    any_db_url: str,
+    make_engine: Callable[..., sa.Engine],
+) -> None:
+    # The application updates row 1 after the first batch read it and before the batch
+    # writes: it waits for the batch's lock (rows; SQLite: the database), then lands.
+    envelope, engine, table, before = setup
+    job_engine = make_engine(any_db_url)
+    first = threading.Lock()
+    app = threading.Thread(target=lambda: _update_row_one(engine, table))
+
+    @event.listens_for(job_engine, "before_cursor_execute")
+    def between(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        writes_shadow = (
+            statement.lstrip().upper().startswith("UPDATE") and "__ENVELOPE" in statement.upper()
+        )
+        if writes_shadow and first.acquire(blocking=False):
+            app.start()
+            app.join(0.5)  # still waiting: the batch holds the lock
+
+    def pause(done: int, total: int | None) -> None:
+        # SQLite's busy handler retries with growing sleeps: give it a gap between
+        # batches, or it gets the lock only after the swap (see docs: switch code there).
+        time.sleep(0.2)
+
+    encrypt_column(
+        envelope, job_engine, "records", "s", Encrypted(sa.String(40)), batch_size=50,
+        progress=pause,
+    )  # fmt: skip
+    app.join(10)
+    assert app.ident is not None and not app.is_alive()
+    got = read(engine, encrypted_view(table, envelope, ["s"]))
+    assert got == [(*before[0][:2], "updated meanwhile", *before[0][3:]), *before[1:]]
+
+
+def _update_row_one(engine: sa.Engine, table: sa.Table) -> None:
+    with engine.begin() as conn:
+        conn.execute(table.update().where(table.c.id == 1).values(s="updated meanwhile"))
+
+
+def test_a_shadow_without_its_trigger_is_filled_again(
+    setup: tuple[Envelope, sa.Engine, sa.Table, list[tuple[Any, ...]]],
+) -> None:
+    # Left by an earlier release, or by a MySQL swap stopped between DROP TRIGGER and
+    # ALTER TABLE: updates made meanwhile reached no shadow, so none of it can be trusted.
+    envelope, engine, table, before = setup
+
+    def stop(done: int, total: int | None) -> None:
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        encrypt_column(
+            envelope, engine, "records", "s", Encrypted(sa.String(40)), batch_size=50, progress=stop
+        )
+    with engine.begin() as conn:
+        trigger.remove(conn, "records", None, "s__envelope")
+    with engine.begin() as conn:  # a converted row, updated while nothing watched
+        conn.execute(table.update().where(table.c.id == 1).values(s="changed unseen"))
+    report = encrypt_column(
+        envelope, engine, "records", "s", Encrypted(sa.String(40)), batch_size=50
+    )
+    assert report.rows == len([r for r in before if r[2] is not None])  # all of it again
+    assert read(engine, encrypted_view(table, envelope, ["s"])) == [
+        (*before[0][:2], "changed unseen", *before[0][3:]),
+        *before[1:],
+    ]
 
 
 def test_rows_inserted_during_the_fill_are_converted(
@@ -267,7 +331,8 @@ def test_updates_during_the_fill_are_kept(
     ) -> list[tuple[Any, ...]]:
         return [(*r[:2], changes[r[0]], *r[3:]) if r[0] in changes else r for r in rows]
 
-    first = {1: "changed 1", 2: None, 150: "changed 150"}
+    # Row 4 changes case only: equal under a case-insensitive collation (MySQL's default).
+    first = {1: "changed 1", 2: None, 4: "SECRET 4 É", 150: "changed 150"}
     after_first = expected(first, before)
     encrypt_column(
         envelope, engine, "records", "s", Encrypted(sa.String(40)), batch_size=50,
@@ -352,13 +417,118 @@ def test_a_table_in_another_schema(
         conn.exec_driver_sql("DROP SCHEMA envelope_other CASCADE")
 
 
+def test_a_worker_that_finds_the_job_swapped_meanwhile_leaves_no_trigger(
+    setup: tuple[Envelope, sa.Engine, sa.Table, list[tuple[Any, ...]]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Worker B reads "filling"; before it checks the shadow's trigger, worker A finishes
+    # the job (its swap drops the trigger). B must not put a trigger back on the table.
+    envelope, engine, table, before = setup
+    type_ = Encrypted(sa.String(40))
+
+    def stop(done: int, total: int | None) -> None:
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        encrypt_column(envelope, engine, "records", "s", type_, batch_size=50, progress=stop)
+    trusted = conversion.Conversion._trusted
+
+    def other_worker_first(self: conversion.Conversion, conn: sa.Connection) -> str:
+        monkeypatch.setattr(conversion.Conversion, "_trusted", trusted)
+        assert encrypt_column(envelope, engine, "records", "s", type_).swapped  # worker A
+        return trusted(self, conn)
+
+    monkeypatch.setattr(conversion.Conversion, "_trusted", other_worker_first)
+    assert encrypt_column(envelope, engine, "records", "s", type_).already_done  # worker B
+    with engine.begin() as conn:
+        assert not trigger.exists(conn, "records", None, "s__envelope")
+        conn.execute(table.update().where(table.c.id == 1).values(code="still writable"))
+    assert read(engine, encrypted_view(table, envelope, ["s"]))[1:] == before[1:]
+
+
+def test_the_trigger_is_found_however_the_schema_is_spelled(
+    pg_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    engine = make_engine(pg_url)
+    envelope = Envelope(sa.MetaData())
+    envelope.metadata.create_all(engine)  # type: ignore[union-attr]
+    envelope.configure(kms=local_kms, engine=engine)
+    table, before = make_table(engine)
+    with engine.connect() as conn:
+        schema = conn.execute(sa.text("SELECT current_schema()")).scalar_one()
+
+    def stop(done: int, total: int | None) -> None:
+        raise Interrupted
+
+    with pytest.raises(Interrupted):  # started without a schema...
+        encrypt_column(
+            envelope, engine, "records", "s", Encrypted(sa.String(40)), batch_size=50, progress=stop
+        )
+    encrypt_column(  # ...finished with the default schema's name
+        envelope, engine, "records", "s", Encrypted(sa.String(40)), schema=schema
+    )
+    with engine.begin() as conn:
+        assert not trigger.exists(conn, "records", None, "s__envelope")
+        conn.execute(table.update().where(table.c.id == 1).values(code="still writable"))
+    assert read(engine, encrypted_view(table, envelope, ["s"]))[1:] == before[1:]
+
+
+def test_without_the_trigger_privilege_mysql_stops_before_converting(
+    mysql_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    admin = make_engine(mysql_url)
+    database = sa.make_url(mysql_url).database
+    envelope = Envelope(sa.MetaData())
+    envelope.metadata.create_all(admin)  # type: ignore[union-attr]
+    envelope.configure(kms=local_kms, engine=admin)
+    table, before = make_table(admin)
+    user = f"envelope_{os.urandom(4).hex()}"
+    with admin.begin() as conn:
+        for host in ("%", "localhost", "127.0.0.1"):
+            conn.execute(sa.text(f"CREATE USER '{user}'@'{host}' IDENTIFIED BY 'pw'"))
+            conn.execute(
+                sa.text(
+                    "GRANT SELECT, INSERT, UPDATE, DELETE, CREATE, DROP, ALTER, INDEX, "
+                    f"LOCK TABLES ON `{database}`.* TO '{user}'@'{host}'"
+                )
+            )
+    try:
+        url = sa.make_url(mysql_url).set(username=user, password="pw")
+        limited = make_engine(url.render_as_string(hide_password=False))
+        with pytest.raises(ConfigurationError, match="grant it TRIGGER"):
+            encrypt_column(envelope, limited, "records", "s", Encrypted(sa.String(40)))
+    finally:
+        with admin.begin() as conn:
+            for host in ("%", "localhost", "127.0.0.1"):
+                conn.execute(sa.text(f"DROP USER '{user}'@'{host}'"))
+    names = {c["name"] for c in sa.inspect(admin).get_columns("records")}
+    assert "s__envelope" not in names  # the shadow it had added is gone again
+    assert read(admin, table) == before
+
+
+def test_sqlite_rows_with_a_null_key_are_refused_before_any_change(
+    sqlite_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    # SQLite accepts NULL in a primary key that is not INTEGER: such a row cannot be
+    # written by key, so its value would not survive the swap.
+    engine = make_engine(sqlite_url)
+    envelope = Envelope(sa.MetaData())
+    envelope.metadata.create_all(engine)  # type: ignore[union-attr]
+    envelope.configure(kms=local_kms, engine=engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE coded (code TEXT PRIMARY KEY, s TEXT)")
+        conn.exec_driver_sql("INSERT INTO coded VALUES ('a', 'x'), (NULL, 'old-null')")
+    with pytest.raises(ConfigurationError, match="NULL in its primary key"):
+        encrypt_column(envelope, engine, "coded", "s", Encrypted(sa.String(40)))
+    assert [c["name"] for c in sa.inspect(engine).get_columns("coded")] == ["code", "s"]
+
+
 def test_misuse(setup: tuple[Envelope, sa.Engine, sa.Table, list[tuple[Any, ...]]]) -> None:
     envelope, engine, _, _ = setup
     with pytest.raises(TypeError, match="Encrypted"):
         encrypt_column(envelope, engine, "records", "s", sa.String(40))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="plaintext type"):
         decrypt_column(envelope, engine, "records", "s", Encrypted(sa.String(40)))
-    from sqlalchemy_envelope import ConfigurationError
 
     with pytest.raises(ConfigurationError, match="no column"):
         encrypt_column(envelope, engine, "records", "nope", Encrypted(sa.String(40)))
@@ -466,7 +636,6 @@ def test_a_failing_batch_names_no_value(
 def test_batch_jobs_refuse_an_async_engine(tmp_path: Path, local_kms: LocalKms) -> None:
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    from sqlalchemy_envelope import ConfigurationError
     from sqlalchemy_envelope.jobs import reencrypt
 
     envelope = Envelope()

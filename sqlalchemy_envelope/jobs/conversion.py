@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -60,6 +61,18 @@ ENCRYPTING, DECRYPTING = "__envelope", "__envelope_plain"
 MAX_NAME = 63  # PostgreSQL's identifier limit (MySQL's is 64)
 
 
+def _lock_table(conn: Connection, table: str, schema: str | None, column: str) -> None:
+    """Lock ``table`` against writes and DDL until the transaction ends (PostgreSQL, SQLite)."""
+    if conn.dialect.name == "postgresql":
+        qt = conn.dialect.identifier_preparer.format_table(sa.table(table, schema=schema))
+        conn.exec_driver_sql(f"LOCK TABLE {qt} IN SHARE ROW EXCLUSIVE MODE")
+    elif conn.dialect.name == "sqlite":  # pysqlite begins on the first write: take the lock
+        col: sa.ColumnClause[Any] = sa.column(column)
+        conn.execute(
+            sa.update(sa.table(table, col, schema=schema)).where(sa.false()).values({col: col})
+        )
+
+
 def shadow_name(column: str, suffix: str) -> str:
     name = column + suffix
     if len(name) <= MAX_NAME:
@@ -69,11 +82,14 @@ def shadow_name(column: str, suffix: str) -> str:
 
 
 def abandon(bind: Engine | Connection, table: str, column: str, schema: str | None) -> list[str]:
-    """Drop the shadow columns (and their triggers) of unfinished conversions of ``column``."""
+    """Drop the shadow columns and triggers of unfinished conversions of ``column``."""
+    shadows = [shadow_name(column, s) for s in (ENCRYPTING, DECRYPTING)]
     with connect(bind) as conn:
         with conn.begin():
             present = {c["name"] for c in sa.inspect(conn).get_columns(table, schema)}
-        shadows = [shadow_name(column, s) for s in (ENCRYPTING, DECRYPTING)]
+        for shadow in shadows:  # a trigger may have outlived its shadow (dropped by hand)
+            with conn.begin():
+                trigger.remove(conn, table, schema, shadow)
         dropped = [shadow for shadow in shadows if shadow in present]
         for shadow in dropped:
             drop_shadow(conn, table, schema, shadow)
@@ -82,11 +98,15 @@ def abandon(bind: Engine | Connection, table: str, column: str, schema: str | No
 
 def drop_shadow(conn: Connection, table: str, schema: str | None, shadow: str) -> None:
     """Drop a shadow column and its trigger, in one transaction where DDL allows."""
-    q = conn.dialect.identifier_preparer
     with conn.begin():
-        trigger.remove(conn, table, schema, shadow)
-        qt = q.format_table(sa.table(table, schema=schema))
-        conn.exec_driver_sql(f"ALTER TABLE {qt} DROP COLUMN {q.quote(shadow)}")
+        _drop_shadow(conn, table, schema, shadow)
+
+
+def _drop_shadow(conn: Connection, table: str, schema: str | None, shadow: str) -> None:
+    q = conn.dialect.identifier_preparer
+    trigger.remove(conn, table, schema, shadow)
+    qt = q.format_table(sa.table(table, schema=schema))
+    conn.exec_driver_sql(f"ALTER TABLE {qt} DROP COLUMN {q.quote(shadow)}")
 
 
 class Conversion:
@@ -125,13 +145,19 @@ class Conversion:
         report = ColumnJobReport(self.table, self.column)
         where = f"{self.table}.{self.column}"
         with connect(bind) as conn, lanes(bind) as more:
-            primary_key(self._reflect(conn))  # before any DDL: the job pages by it
+            self._check_keys(conn)  # before any DDL
             state = self._prepare(conn)
+            table = self._reflect(conn)
+            if state != "done" and self.shadow not in table.c:  # swapped by another worker?
+                state = self._state(conn)
+                if state != "done":
+                    raise ConfigurationError(
+                        f"{where}: {self.shadow} was dropped while the job started; run it again"
+                    )
             if state == "done":
                 report.already_done = True
                 log.info("%s %s: already done", self.verb, where)
                 return report
-            table = self._reflect(conn)
             pk = primary_key(table)
             src, dst = table.c[self.column], table.c[self.shadow]
             todo = (dst.is_(None), src.is_not(None))
@@ -198,11 +224,28 @@ class Conversion:
         return report
 
     # -- the state, read from the schema ----------------------------------------------
-    def _columns(self, conn: Connection) -> dict[str, Any]:
-        with conn.begin():
+    def _columns(self, conn: Connection, *, begin: bool = True) -> dict[str, Any]:
+        with conn.begin() if begin else nullcontext():
             return {
                 c["name"]: c["type"] for c in sa.inspect(conn).get_columns(self.table, self.schema)
             }
+
+    def _check_keys(self, conn: Connection) -> None:
+        """The job pages by the primary key: refuse a table without one, or with NULLs in it."""
+        table = self._reflect(conn)
+        pk = primary_key(table)
+        with conn.begin():
+            nulls = conn.execute(
+                sa.select(sa.literal(1))
+                .select_from(table)
+                .where(sa.or_(*(c.is_(None) for c in pk)))
+                .limit(1)
+            ).first()
+        if nulls is not None:  # SQLite allows them outside INTEGER PRIMARY KEY
+            raise ConfigurationError(
+                f"table {self.table!r} has rows with NULL in its primary key, which batch "
+                "jobs cannot address; give them keys first"
+            )
 
     def _state(self, conn: Connection) -> str:
         columns = self._columns(conn)
@@ -230,8 +273,8 @@ class Conversion:
                 self.other,
             )
             drop_shadow(conn, self.table, self.schema, self.other)
-        if state == "filling":  # as left by a run that stopped before creating it
-            self._ensure_trigger(conn)
+        if state == "filling":
+            state = self._trusted(conn)
         if state != "start":
             return state
         spec = CreateColumn(sa.Column(self.shadow, self.shadow_type, nullable=True))
@@ -239,21 +282,33 @@ class Conversion:
             with conn.begin():  # one transaction where DDL is transactional (not MySQL)
                 self._ddl(conn, f"ADD COLUMN {spec.compile(dialect=conn.dialect)}")
                 trigger.install(conn, self.table, self.schema, self.column, self.shadow)
+        except ConfigurationError:  # no trigger allowed; MySQL committed the ADD COLUMN
+            if self.shadow in self._columns(conn):
+                drop_shadow(conn, self.table, self.schema, self.shadow)
+            raise
         except sa.exc.DBAPIError:
             if self._state(conn) != "filling":  # not another worker's concurrent add
                 raise
             return self._prepare(conn)
         return "added"
 
-    def _ensure_trigger(self, conn: Connection) -> None:
-        args = (conn, self.table, self.schema)
-        try:
-            with conn.begin():
-                trigger.install(*args, self.column, self.shadow)
-        except sa.exc.DBAPIError:
-            with conn.begin():  # another worker created it meanwhile?
-                if not trigger.exists(*args, self.shadow):
-                    raise
+    def _trusted(self, conn: Connection) -> str:
+        """ "filling" if the shadow has its trigger; else drop the shadow and start again."""
+        with conn.begin():
+            _lock_table(conn, self.table, self.schema, self.column)  # no swap meanwhile
+            if self.shadow in self._columns(conn, begin=False):
+                if trigger.exists(conn, self.table, self.schema, self.shadow):
+                    return "filling"
+                log.warning(
+                    "%s.%s: %s has no trigger (left by an earlier release, or by a swap "
+                    "stopped on MySQL), so updates since may be missing from it: filling it again",
+                    self.table,
+                    self.column,
+                    self.shadow,
+                )
+                _drop_shadow(conn, self.table, self.schema, self.shadow)
+        # Dropped, or swapped by another worker meanwhile: look again.
+        return self._prepare(conn)
 
     def _holds_ciphertext(self, conn: Connection, reflected: Any) -> bool:
         if not isinstance(reflected, sa.types._Binary):

@@ -102,8 +102,8 @@ def walk(
     their pages, and starts no other.
 
     ``lock`` locks each page's rows as it reads them, in key order (``FOR NO
-    KEY UPDATE``, the lock an ``UPDATE`` takes; ``FOR UPDATE`` on MySQL;
-    SQLite locks the whole database instead). A job that writes the page
+    KEY UPDATE``, the lock an ``UPDATE`` takes; ``FOR UPDATE`` on MySQL; on
+    SQLite, the database's write lock, taken before the read). A job that writes the page
     then holds every lock it needs before its first write, taken in the
     order application writers that lock rows in key order take them too: it
     may make them wait for a batch, but never deadlocks with them, whatever
@@ -164,6 +164,11 @@ class _Pages:
                 if rows:
                     self.last = tuple(rows[-1][: len(pk)])
                 return rows or None
+            if self.lock and dialect == "sqlite":
+                # pysqlite reads outside a transaction: take the write lock before reading,
+                # or an application update could land between this read and the write.
+                key = pk[0]
+                conn.execute(sa.update(key.table).where(sa.false()).values({key: key}))
             keys = sa.select(*pk).where(*in_range(pk, self.last, self.hi, dialect))
             edge = conn.execute(keys.order_by(*pk).offset(size - 1).limit(1)).first()
             upper = self.hi if edge is None else tuple(edge)

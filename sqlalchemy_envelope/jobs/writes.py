@@ -4,8 +4,8 @@ A batch job reads a page (locking its rows, see
 :func:`sqlalchemy_envelope.jobs.pages.walk`), computes the new values, and
 writes them in the same transaction. :class:`BatchWrite` writes each value
 only where the row still holds what the batch read, so a value changed in
-between (possible where rows are not locked, on SQLite) is kept and counted,
-never overwritten.
+between is kept and counted, never overwritten (defence in depth: the read
+already locked the rows).
 
 On PostgreSQL through psycopg, with a single-column key and a binary target,
 a column's batch is one statement, ``UPDATE t SET c = v.new FROM
