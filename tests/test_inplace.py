@@ -111,14 +111,32 @@ def raw(engine: sa.Engine, column: str) -> list[bytes]:
         return [bytes(v) for (v,) in rows]
 
 
+def envelope_on(engine: sa.Engine, kms: LocalKms) -> Envelope:
+    envelope = Envelope(sa.MetaData())
+    envelope.metadata.create_all(engine)  # type: ignore[union-attr]
+    envelope.configure(kms=kms, engine=engine)
+    return envelope
+
+
+def stop_after_a_batch(envelope: Envelope, engine: sa.Engine, **options: Any) -> None:
+    """An encrypt_column of records.s interrupted after its first batch (shadow left filling)."""
+
+    def stop(done: int, total: int | None) -> None:
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        encrypt_column(
+            envelope, engine, "records", "s", Encrypted(sa.String(40)), batch_size=50,
+            progress=stop, **options,
+        )  # fmt: skip
+
+
 @pytest.fixture
 def setup(
     any_db_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
 ) -> tuple[Envelope, sa.Engine, sa.Table, list[tuple[Any, ...]]]:
     engine = make_engine(any_db_url)
-    envelope = Envelope(sa.MetaData())
-    envelope.metadata.create_all(engine)  # type: ignore[union-attr]
-    envelope.configure(kms=local_kms, engine=engine)
+    envelope = envelope_on(engine, local_kms)
     table, before = make_table(engine)
     return envelope, engine, table, before
 
@@ -255,13 +273,7 @@ def test_a_shadow_without_its_trigger_is_filled_again(
     # ALTER TABLE: updates made meanwhile reached no shadow, so none of it can be trusted.
     envelope, engine, table, before = setup
 
-    def stop(done: int, total: int | None) -> None:
-        raise Interrupted
-
-    with pytest.raises(Interrupted):
-        encrypt_column(
-            envelope, engine, "records", "s", Encrypted(sa.String(40)), batch_size=50, progress=stop
-        )
+    stop_after_a_batch(envelope, engine)
     with engine.begin() as conn:
         trigger.remove(conn, "records", None, "s__envelope")
     with engine.begin() as conn:  # a converted row, updated while nothing watched
@@ -356,13 +368,7 @@ def test_an_unfinished_conversion_can_be_abandoned(
 ) -> None:
     envelope, engine, table, before = setup
 
-    def stop(done: int, total: int | None) -> None:
-        raise Interrupted
-
-    with pytest.raises(Interrupted):
-        encrypt_column(
-            envelope, engine, "records", "s", Encrypted(sa.String(40)), batch_size=50, progress=stop
-        )
+    stop_after_a_batch(envelope, engine)
     assert abandon_conversion(engine, "records", "s") == ["s__envelope"]
     assert abandon_conversion(engine, "records", "s") == []
     assert {c["name"] for c in sa.inspect(engine).get_columns("records")} == {
@@ -381,9 +387,7 @@ def test_a_table_in_another_schema(
     with engine.begin() as conn:
         conn.exec_driver_sql("DROP SCHEMA IF EXISTS envelope_other CASCADE")
         conn.exec_driver_sql("CREATE SCHEMA envelope_other")
-    envelope = Envelope(sa.MetaData())
-    envelope.metadata.create_all(engine)  # type: ignore[union-attr]
-    envelope.configure(kms=local_kms, engine=engine)
+    envelope = envelope_on(engine, local_kms)
     table = sa.Table(
         "records", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
         sa.Column("s", sa.String(40)), schema="envelope_other",
@@ -426,11 +430,7 @@ def test_a_worker_that_finds_the_job_swapped_meanwhile_leaves_no_trigger(
     envelope, engine, table, before = setup
     type_ = Encrypted(sa.String(40))
 
-    def stop(done: int, total: int | None) -> None:
-        raise Interrupted
-
-    with pytest.raises(Interrupted):
-        encrypt_column(envelope, engine, "records", "s", type_, batch_size=50, progress=stop)
+    stop_after_a_batch(envelope, engine)
     trusted = conversion.Conversion._trusted
 
     def other_worker_first(self: conversion.Conversion, conn: sa.Connection) -> str:
@@ -450,20 +450,12 @@ def test_the_trigger_is_found_however_the_schema_is_spelled(
     pg_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
 ) -> None:
     engine = make_engine(pg_url)
-    envelope = Envelope(sa.MetaData())
-    envelope.metadata.create_all(engine)  # type: ignore[union-attr]
-    envelope.configure(kms=local_kms, engine=engine)
+    envelope = envelope_on(engine, local_kms)
     table, before = make_table(engine)
     with engine.connect() as conn:
         schema = conn.execute(sa.text("SELECT current_schema()")).scalar_one()
 
-    def stop(done: int, total: int | None) -> None:
-        raise Interrupted
-
-    with pytest.raises(Interrupted):  # started without a schema...
-        encrypt_column(
-            envelope, engine, "records", "s", Encrypted(sa.String(40)), batch_size=50, progress=stop
-        )
+    stop_after_a_batch(envelope, engine)  # started without a schema...
     encrypt_column(  # ...finished with the default schema's name
         envelope, engine, "records", "s", Encrypted(sa.String(40)), schema=schema
     )
@@ -478,9 +470,7 @@ def test_without_the_trigger_privilege_mysql_stops_before_converting(
 ) -> None:
     admin = make_engine(mysql_url)
     database = sa.make_url(mysql_url).database
-    envelope = Envelope(sa.MetaData())
-    envelope.metadata.create_all(admin)  # type: ignore[union-attr]
-    envelope.configure(kms=local_kms, engine=admin)
+    envelope = envelope_on(admin, local_kms)
     table, before = make_table(admin)
     user = f"envelope_{os.urandom(4).hex()}"
     with admin.begin() as conn:
@@ -512,9 +502,7 @@ def test_sqlite_rows_with_a_null_key_are_refused_before_any_change(
     # SQLite accepts NULL in a primary key that is not INTEGER: such a row cannot be
     # written by key, so its value would not survive the swap.
     engine = make_engine(sqlite_url)
-    envelope = Envelope(sa.MetaData())
-    envelope.metadata.create_all(engine)  # type: ignore[union-attr]
-    envelope.configure(kms=local_kms, engine=engine)
+    envelope = envelope_on(engine, local_kms)
     with engine.begin() as conn:
         conn.exec_driver_sql("CREATE TABLE coded (code TEXT PRIMARY KEY, s TEXT)")
         conn.exec_driver_sql("INSERT INTO coded VALUES ('a', 'x'), (NULL, 'old-null')")
@@ -574,9 +562,7 @@ def test_sigkill_at_random_points_then_rerun(
 
     engine = make_engine(pg_url)
     key = os.urandom(32)
-    envelope = Envelope(sa.MetaData())
-    envelope.metadata.create_all(engine)  # type: ignore[union-attr]
-    envelope.configure(kms=LocalKms(key), engine=engine)
+    envelope = envelope_on(engine, LocalKms(key))
     table, before = make_table(engine)
     script = tmp_path / "child.py"
     script.write_text(CHILD)
