@@ -95,7 +95,7 @@ def reencrypt(
     Everything is re-derived from what is stored, so the job is resumable after
     a crash at any point and never encrypts twice: values already under the
     active key are skipped. Each batch's read locks its rows in key order
-    (not on SQLite), so application writes to them wait for the batch rather
+    (SQLite: the database's write lock), so application writes to them wait for the batch rather
     than deadlock with it; each value is written with a compare-and-set,
     ``UPDATE ... SET col = :new WHERE pk = :pk AND col = :old``, so a value the
     application changed since the batch read it keeps the application's write.

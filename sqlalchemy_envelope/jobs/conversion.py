@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -61,16 +61,47 @@ ENCRYPTING, DECRYPTING = "__envelope", "__envelope_plain"
 MAX_NAME = 63  # PostgreSQL's identifier limit (MySQL's is 64)
 
 
+def _refuse_null_keys(conn: Connection, table: sa.Table, pk: list[sa.Column[Any]]) -> None:
+    """SQLite accepts NULL in a key that is not INTEGER: such a row cannot be written by key."""
+    if conn.dialect.name != "sqlite":  # elsewhere key columns are NOT NULL
+        return
+    null = sa.select(sa.literal(1)).select_from(table).where(sa.or_(*(c.is_(None) for c in pk)))
+    if conn.execute(null.limit(1)).first() is not None:
+        raise ConfigurationError(
+            f"table {table.name!r} has rows with NULL in its primary key, which batch jobs "
+            "cannot address; give them keys first (nothing was swapped)"
+        )
+
+
 def _lock_table(conn: Connection, table: str, schema: str | None, column: str) -> None:
     """Lock ``table`` against writes and DDL until the transaction ends (PostgreSQL, SQLite)."""
     if conn.dialect.name == "postgresql":
         qt = conn.dialect.identifier_preparer.format_table(sa.table(table, schema=schema))
+        conn.exec_driver_sql("SET LOCAL lock_timeout = '10s'")  # never queue writers for long
         conn.exec_driver_sql(f"LOCK TABLE {qt} IN SHARE ROW EXCLUSIVE MODE")
     elif conn.dialect.name == "sqlite":  # pysqlite begins on the first write: take the lock
         col: sa.ColumnClause[Any] = sa.column(column)
         conn.execute(
             sa.update(sa.table(table, col, schema=schema)).where(sa.false()).values({col: col})
         )
+
+
+@contextmanager
+def _serialized(conn: Connection, name: str) -> Iterator[None]:
+    """On MySQL, one worker at a time (DDL commits at once there, so no transaction can)."""
+    if conn.dialect.name != "mysql":
+        yield
+        return
+    key = "envelope:" + hashlib.sha256(name.encode()).hexdigest()[:40]
+    with conn.begin():
+        got = conn.execute(sa.text("SELECT GET_LOCK(:k, 120)"), {"k": key}).scalar()
+    if got != 1:
+        raise ConfigurationError(f"{name}: another worker held the conversion's lock for 2 minutes")
+    try:
+        yield
+    finally:
+        with conn.begin():
+            conn.execute(sa.text("SELECT RELEASE_LOCK(:k)"), {"k": key})
 
 
 def shadow_name(column: str, suffix: str) -> str:
@@ -187,6 +218,7 @@ class Conversion:
                 if warm is not None:
                     warm()
                 # Under the swap's table lock: no row locks, and one scan for the few rows left.
+                _refuse_null_keys(conn, table, pk)  # rows inserted meanwhile, too
                 pages = walk(
                     conn, query, pk, convert, batch_size=batch_size,
                     transactions=False, bounded=False,
@@ -233,19 +265,8 @@ class Conversion:
     def _check_keys(self, conn: Connection) -> None:
         """The job pages by the primary key: refuse a table without one, or with NULLs in it."""
         table = self._reflect(conn)
-        pk = primary_key(table)
         with conn.begin():
-            nulls = conn.execute(
-                sa.select(sa.literal(1))
-                .select_from(table)
-                .where(sa.or_(*(c.is_(None) for c in pk)))
-                .limit(1)
-            ).first()
-        if nulls is not None:  # SQLite allows them outside INTEGER PRIMARY KEY
-            raise ConfigurationError(
-                f"table {self.table!r} has rows with NULL in its primary key, which batch "
-                "jobs cannot address; give them keys first"
-            )
+            _refuse_null_keys(conn, table, primary_key(table))
 
     def _state(self, conn: Connection) -> str:
         columns = self._columns(conn)
@@ -263,6 +284,10 @@ class Conversion:
 
     def _prepare(self, conn: Connection) -> str:
         """Add the shadow column if needed: "added", "filling" or (nothing to do) "done"."""
+        with _serialized(conn, f"{self.table}.{self.column}"):
+            return self._prepare_now(conn)
+
+    def _prepare_now(self, conn: Connection) -> str:
         state = self._state(conn)
         if self.other in self._columns(conn):
             # Left by an interrupted conversion the other way, never swapped in.
@@ -274,31 +299,43 @@ class Conversion:
             )
             drop_shadow(conn, self.table, self.schema, self.other)
         if state == "filling":
-            state = self._trusted(conn)
+            if self._has_trigger(conn):
+                return "filling"  # the usual resume: no lock taken
+            state = self._untrusted(conn)
         if state != "start":
             return state
         spec = CreateColumn(sa.Column(self.shadow, self.shadow_type, nullable=True))
+        added = False
         try:
             with conn.begin():  # one transaction where DDL is transactional (not MySQL)
                 self._ddl(conn, f"ADD COLUMN {spec.compile(dialect=conn.dialect)}")
+                added = True
                 trigger.install(conn, self.table, self.schema, self.column, self.shadow)
-        except ConfigurationError:  # no trigger allowed; MySQL committed the ADD COLUMN
-            if self.shadow in self._columns(conn):
-                drop_shadow(conn, self.table, self.schema, self.shadow)
-            raise
-        except sa.exc.DBAPIError:
+        except (ConfigurationError, sa.exc.DBAPIError):
+            if added:  # no trigger: MySQL committed the ADD COLUMN, take it back
+                if self.shadow in self._columns(conn):
+                    drop_shadow(conn, self.table, self.schema, self.shadow)
+                raise
             if self._state(conn) != "filling":  # not another worker's concurrent add
                 raise
-            return self._prepare(conn)
+            return "filling" if self._has_trigger(conn) else self._untrusted(conn)
         return "added"
 
-    def _trusted(self, conn: Connection) -> str:
-        """ "filling" if the shadow has its trigger; else drop the shadow and start again."""
+    def _has_trigger(self, conn: Connection) -> bool:
         with conn.begin():
-            _lock_table(conn, self.table, self.schema, self.column)  # no swap meanwhile
-            if self.shadow in self._columns(conn, begin=False):
-                if trigger.exists(conn, self.table, self.schema, self.shadow):
-                    return "filling"
+            return trigger.exists(conn, self.table, self.schema, self.shadow)
+
+    def _untrusted(self, conn: Connection) -> str:
+        """The shadow has no trigger: drop it ("start"), unless it is gone ("done"/"start")."""
+        with conn.begin():
+            # Lock against a swap meanwhile, briefly: writers queue behind a waiting lock.
+            _lock_table(conn, self.table, self.schema, self.column)
+            if self.shadow not in self._columns(conn, begin=False):
+                gone = True
+            elif trigger.exists(conn, self.table, self.schema, self.shadow):
+                return "filling"
+            else:
+                gone = False
                 log.warning(
                     "%s.%s: %s has no trigger (left by an earlier release, or by a swap "
                     "stopped on MySQL), so updates since may be missing from it: filling it again",
@@ -307,8 +344,12 @@ class Conversion:
                     self.shadow,
                 )
                 _drop_shadow(conn, self.table, self.schema, self.shadow)
-        # Dropped, or swapped by another worker meanwhile: look again.
-        return self._prepare(conn)
+        if gone:  # swapped (or abandoned) by another worker meanwhile
+            state = self._state(conn)
+            if state == "filling":  # and started again: leave it to that worker's checks
+                return "filling"
+            return state
+        return "start"
 
     def _holds_ciphertext(self, conn: Connection, reflected: Any) -> bool:
         if not isinstance(reflected, sa.types._Binary):

@@ -77,8 +77,8 @@ def install(conn: Connection, table: str, schema: str | None, column: str, shado
             f"UPDATE {q.quote(table)} SET {qs} = NULL WHERE {same_row}; END"
         )
     elif dialect == "mysql":
-        # BINARY: under a case- or accent-insensitive collation, 'a' <=> 'A' holds.
-        changed = f"BINARY OLD.{qc} <=> BINARY NEW.{qc}"
+        # As bytes: under a case- or accent-insensitive collation, 'a' <=> 'A' holds.
+        changed = f"CAST(OLD.{qc} AS BINARY) <=> CAST(NEW.{qc} AS BINARY)"
         try:
             conn.exec_driver_sql(
                 f"CREATE TRIGGER {_qualified(conn, schema, name)} BEFORE UPDATE ON {qt} "  # noqa: S608
