@@ -318,7 +318,7 @@ class Conversion:
                 raise
             if self._state(conn) != "filling":  # not another worker's concurrent add
                 raise
-            return "filling" if self._has_trigger(conn) else self._untrusted(conn)
+            return self._prepare_now(conn)  # theirs: resume it (ADD is not tried again)
         return "added"
 
     def _has_trigger(self, conn: Connection) -> bool:
@@ -326,7 +326,7 @@ class Conversion:
             return trigger.exists(conn, self.table, self.schema, self.shadow)
 
     def _untrusted(self, conn: Connection) -> str:
-        """The shadow has no trigger: drop it ("start"), unless it is gone ("done"/"start")."""
+        """The shadow has no trigger: drop it ("start"), unless it is gone meanwhile."""
         with conn.begin():
             # Lock against a swap meanwhile, briefly: writers queue behind a waiting lock.
             _lock_table(conn, self.table, self.schema, self.column)
@@ -344,12 +344,8 @@ class Conversion:
                     self.shadow,
                 )
                 _drop_shadow(conn, self.table, self.schema, self.shadow)
-        if gone:  # swapped (or abandoned) by another worker meanwhile
-            state = self._state(conn)
-            if state == "filling":  # and started again: leave it to that worker's checks
-                return "filling"
-            return state
-        return "start"
+        # Dropped here; or swapped, abandoned or restarted by another worker meanwhile.
+        return self._state(conn) if gone else "start"
 
     def _holds_ciphertext(self, conn: Connection, reflected: Any) -> bool:
         if not isinstance(reflected, sa.types._Binary):
