@@ -37,6 +37,18 @@ def check_batch_size(batch_size: int) -> int:
     return batch_size
 
 
+def sqlite_write_lock(conn: Connection, table: str, schema: str | None, column: str) -> None:
+    """Take SQLite's write lock now, in the open transaction.
+
+    pysqlite begins a transaction only on the first write, so reads before it
+    run unlocked: a write that changes no row takes the lock first.
+    """
+    col: sa.ColumnClause[Any] = sa.column(column)
+    conn.execute(
+        sa.update(sa.table(table, col, schema=schema)).where(sa.false()).values({col: col})
+    )
+
+
 @contextmanager
 def connect(bind: Engine | Connection) -> Iterator[Connection]:
     """A connection on which the job may begin and commit one transaction per batch."""

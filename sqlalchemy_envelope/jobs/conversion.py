@@ -45,6 +45,7 @@ from .batches import (
     connect,
     count,
     primary_key,
+    sqlite_write_lock,
 )
 from .claims import SharedJob, jobs_table, jobs_table_name
 from .pages import lanes, walk
@@ -79,11 +80,8 @@ def _lock_table(conn: Connection, table: str, schema: str | None, column: str) -
         qt = conn.dialect.identifier_preparer.format_table(sa.table(table, schema=schema))
         conn.exec_driver_sql("SET LOCAL lock_timeout = '10s'")  # never queue writers for long
         conn.exec_driver_sql(f"LOCK TABLE {qt} IN SHARE ROW EXCLUSIVE MODE")
-    elif conn.dialect.name == "sqlite":  # pysqlite begins on the first write: take the lock
-        col: sa.ColumnClause[Any] = sa.column(column)
-        conn.execute(
-            sa.update(sa.table(table, col, schema=schema)).where(sa.false()).values({col: col})
-        )
+    elif conn.dialect.name == "sqlite":
+        sqlite_write_lock(conn, table, schema, column)
 
 
 @contextmanager

@@ -21,7 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from .batches import Key, in_range, log
+from .batches import Key, in_range, log, sqlite_write_lock
 
 #: Connections a job walks with on PostgreSQL: two overlap the Python and the
 #: database halves of a batch; a third gained nothing on two cores (docs/PERFORMANCE.md).
@@ -165,10 +165,9 @@ class _Pages:
                     self.last = tuple(rows[-1][: len(pk)])
                 return rows or None
             if self.lock and dialect == "sqlite":
-                # pysqlite reads outside a transaction: take the write lock before reading,
-                # or an application update could land between this read and the write.
+                # Or an application update could land between this read and the write.
                 key = pk[0]
-                conn.execute(sa.update(key.table).where(sa.false()).values({key: key}))
+                sqlite_write_lock(conn, key.table.name, key.table.schema, key.name)
             keys = sa.select(*pk).where(*in_range(pk, self.last, self.hi, dialect))
             edge = conn.execute(keys.order_by(*pk).offset(size - 1).limit(1)).first()
             upper = self.hi if edge is None else tuple(edge)

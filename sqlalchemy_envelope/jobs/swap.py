@@ -29,6 +29,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.schema import CreateColumn
 
 from . import trigger
+from .batches import sqlite_write_lock
 
 log = logging.getLogger("sqlalchemy_envelope")
 
@@ -78,9 +79,8 @@ def swap(
     with conn.begin():
         if dialect == "postgresql":
             conn.exec_driver_sql(f"LOCK TABLE {qt} IN ACCESS EXCLUSIVE MODE")
-        else:  # take SQLite's write lock first (pysqlite begins on the first write)
-            lock = f"UPDATE {qt} SET {q.quote(shadow)} = {q.quote(shadow)} WHERE 1 = 0"  # noqa: S608
-            conn.exec_driver_sql(lock)
+        else:
+            sqlite_write_lock(conn, table, schema, shadow)
         _finish_fill(fill_rest, table, column)
         trigger.remove(conn, table, schema, shadow)
         nullable, indexes = _schema(conn, table, schema, column)

@@ -22,23 +22,21 @@ dropping the trigger and its ``ALTER TABLE``) may have missed updates, so
 the conversion starts its fill again.
 
 Its name is ``envelope_stale_`` and a digest of table and shadow. A
-conversion is abandoned by running it the other way (which drops the shadow
-and the trigger together), not by dropping the shadow column by hand: on
-PostgreSQL the trigger would then fail every update of the column.
+conversion is abandoned with ``jobs.abandon_conversion`` (or by running it
+the other way), which drops the shadow and the trigger together; not by
+dropping the shadow column by hand: the trigger would then fail every update
+of the column (PostgreSQL, MySQL) or block the drop (SQLite).
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ..errors import ConfigurationError
-
-log = logging.getLogger("sqlalchemy_envelope")
 
 _MYSQL_EXISTS = 1359  # ER_TRG_ALREADY_EXISTS
 _MYSQL_DENIED = {1044, 1142, 1227, 1419}  # no access, no TRIGGER, no SUPER, binlog rule
