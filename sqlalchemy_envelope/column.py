@@ -10,7 +10,7 @@ AEAD call.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -222,6 +222,41 @@ class Encrypted(TypeDecorator[Any]):
         if dialect.driver in _NATIVE_BYTES_DRIVERS:
             return process
         return self._then(process, self.impl_instance.bind_processor(dialect), first=True)
+
+    def batch_bind_processor(self, dialect: Dialect) -> Callable[[Sequence[Any]], list[Any]]:
+        """:meth:`bind_processor` for a list of values at once (the batch jobs' writes).
+
+        One active cipher for the batch, and its nonces drawn in one call
+        (``Cipher.seal_all``): what a per-value system call costs adds up
+        over a million rows. Same values, same errors.
+        """
+        one = self.bind_processor(dialect)
+        if dialect.driver not in _NATIVE_BYTES_DRIVERS:
+            return lambda values: [one(v) for v in values]
+        crypter = self.crypter()
+        encode, stats = codec_for(self.inner_type, dialect).encode, crypter.envelope.stats
+
+        def process_all(values: Sequence[Any]) -> list[Any]:
+            present = [v for v in values if v is not None]
+            try:
+                data: list[bytes] | None = [encode(v) for v in present]
+            except _BAD_VALUE:
+                data = None
+            if data is None:  # outside the handler: no codec message as __context__
+                return [one(v) for v in values]  # raises the bad value's error
+            cipher = crypter.active
+            if cipher is None or cipher.expires <= clock():
+                cipher = crypter.for_writing()  # the key cache counts this one
+                stats.cache_hits += len(data) - 1
+            else:
+                stats.cache_hits += len(data)
+            sealed = cipher.seal_all(cipher.head, data)
+            if len(present) == len(values):
+                return sealed
+            it = iter(sealed)
+            return [None if v is None else next(it) for v in values]
+
+        return process_all
 
     def result_processor(self, dialect: Dialect, coltype: Any) -> Callable[[Any], Any]:
         crypter = self.crypter()

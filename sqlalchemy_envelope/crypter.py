@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import wire
-from ._crypto import AuthenticationFailed, column_cipher
+from ._crypto import AuthenticationFailed, SealAll, column_cipher
 from .cache import clock
 from .errors import DecryptionError, where
 
@@ -28,6 +28,8 @@ class Cipher(NamedTuple):
     head: bytes
     seal: Callable[[bytes], bytes]
     open: Callable[[bytes], bytes]
+    #: ``seal_all(head, plaintexts)``: stored values, nonces drawn at once (batch jobs)
+    seal_all: SealAll
 
 
 class ColumnCrypter:
@@ -70,14 +72,14 @@ class ColumnCrypter:
         cipher = self.ciphers.get(head)
         if cipher is not None and cipher.expires >= expires:
             return cipher
-        seal, open_ = column_cipher(
+        seal, open_, seal_all = column_cipher(
             algorithm == wire.DETERMINISTIC,
             key.material,
             wire.subkey_info(algorithm, key.id, self.table, self.column),
             wire.associated_data(head, self.table, self.column),
             wire.HEADER_BYTES,
         )
-        cipher = Cipher(expires, key.id, head, seal, open_)
+        cipher = Cipher(expires, key.id, head, seal, open_, seal_all)
         self.ciphers[head] = cipher
         return cipher
 

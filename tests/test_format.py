@@ -60,17 +60,23 @@ def test_vector_decrypts_and_encrypts_with_column_cipher(v: dict[str, Any]) -> N
     head = wire.header(algorithm, v["key_id"])
     info = wire.subkey_info(algorithm, v["key_id"], v["table"], v["column"])
     aad = wire.associated_data(head, v["table"], v["column"])
-    seal, open_ = column_cipher(
+    seal, open_, seal_all = column_cipher(
         algorithm == wire.DETERMINISTIC, data_key, info, aad, wire.HEADER_BYTES
     )
     assert open_(stored) == plaintext
     if algorithm == wire.DETERMINISTIC:
         assert head + seal(plaintext) == stored
+        assert seal_all(head, [plaintext, plaintext]) == [stored, stored]
     else:
         nonce = bytes.fromhex(v["nonce_hex"])
         assert head + gcm_seal_with_nonce(data_key, info, aad, nonce, plaintext) == stored
         fresh = head + seal(plaintext)  # a random nonce: different bytes, same plaintext
         assert fresh != stored and open_(fresh) == plaintext
+        # A batch's nonces come from one draw: each value has its own.
+        batch = seal_all(head, [plaintext] * 64)
+        assert all(open_(b) == plaintext for b in batch)
+        nonces = {b[wire.HEADER_BYTES : wire.HEADER_BYTES + 12] for b in batch}
+        assert len(nonces | {fresh[wire.HEADER_BYTES : wire.HEADER_BYTES + 12]}) == 65
 
 
 @VALUES

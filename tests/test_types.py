@@ -213,3 +213,36 @@ def test_overhead_is_at_most_34_bytes(store: Callable[[str], tuple[sa.Engine, sa
         conn.execute(table.insert(), [{"id": 1, "value": b"x" * 100}])
         raw = conn.execute(sa.select(sa.type_coerce(table.c.value, sa.LargeBinary))).scalar_one()
     assert len(raw) - 100 == 34
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_batch_bind_processor_is_the_bind_processor_for_a_list(deterministic: bool) -> None:
+    """What the batch jobs write with: the same stored values and errors, Nones kept in place."""
+    metadata = sa.MetaData()
+    envelope = Envelope(metadata)
+    table = sa.Table(
+        "t",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("value", Encrypted(sa.String(50), envelope, deterministic=deterministic)),
+    )
+    engine = sa.create_engine("sqlite://")
+    metadata.create_all(engine)
+    envelope.configure(kms=LocalKms(b"k" * 32), engine=engine)
+    encrypted, dialect = table.c.value.type, engine.dialect
+    one, all_ = encrypted.bind_processor(dialect), encrypted.batch_bind_processor(dialect)
+    read = encrypted.result_processor(dialect, None)
+    values = ["a", None, "b", "a", None]
+    stored = all_(values)
+    assert [None if s is None else read(s) for s in stored] == values
+    assert [s is None for s in stored] == [v is None for v in values]
+    if deterministic:
+        assert stored == [None if v is None else one(v) for v in values]
+    else:
+        assert len({s[:18] for s in stored if s is not None}) == 3  # header + own nonce each
+    hits = envelope.stats.cache_hits
+    all_(["x"] * 10)
+    assert envelope.stats.cache_hits == hits + 10
+    with pytest.raises(ValueTypeError) as info:
+        all_(["fine", 5, None])
+    assert "t.value" in str(info.value) and info.value.__context__ is None

@@ -262,10 +262,10 @@ class _Rewriter:
         """The keys, stored values and re-encrypted values of column ``name`` to rewrite."""
         report, offset, head_size = self.report, len(self.target.pk), wire.HEADER_BYTES
         crypter, active = self.target.crypters[name], self.active[name]
-        ciphers, active_head, seal = crypter.ciphers, active.head, active.seal
+        ciphers, active_head = crypter.ciphers, active.head
         keys: list[Key] = []
         olds: list[bytes] = []
-        news: list[bytes] = []
+        plaintexts: list[bytes] = []
         for row in rows:
             value = row[i]
             if value is None:
@@ -287,8 +287,8 @@ class _Rewriter:
                 continue
             keys.append(tuple(row[:offset]))
             olds.append(value)
-            news.append(active_head + seal(plaintext))
-        return keys, olds, news
+            plaintexts.append(plaintext)
+        return keys, olds, active.seal_all(active_head, plaintexts)
 
     def _cipher(self, crypter: ColumnCrypter, value: bytes) -> Cipher | None:
         """The cipher that opens ``value``, or None (counted) if it cannot be read."""

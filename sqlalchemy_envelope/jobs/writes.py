@@ -19,13 +19,14 @@ row.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.sql.elements import ColumnElement
 
+from ..column import Encrypted
 from . import pg_arrays
 from .batches import Key
 
@@ -64,8 +65,13 @@ class BatchWrite:
             return
         # The new values go out processed by new_type (encrypted, for encrypt_column),
         # except plain bytes, which need nothing (LargeBinary would wrap each one).
-        plain = isinstance(new_type, sa.types._Binary)
-        self.process = None if plain else new_type._cached_bind_processor(dialect)
+        self.process: Callable[[list[Any]], list[Any]] | None = None
+        if isinstance(new_type, Encrypted):
+            self.process = new_type.batch_bind_processor(dialect)
+        elif not isinstance(new_type, sa.types._Binary):
+            one = new_type._cached_bind_processor(dialect)
+            if one is not None:
+                self.process = lambda values: list(map(one, values))
         key = self.pk[0]
         self.int_keys = isinstance(key.type, sa.Integer)  # packed too; others go as a list
         arrays = [_array("_env_keys", key_type, packed=self.int_keys)]
@@ -123,7 +129,7 @@ class BatchWrite:
         pg_arrays.enable(conn)
         ids = [k[0] for k in keys]
         if self.process is not None:
-            news = list(map(self.process, news))
+            news = self.process(news)
         params = {
             "_env_keys": pg_arrays.Int8Array.of(ids) if self.int_keys else ids,
             # Not ids[0] and ids[-1]: a key changed while the read waited for its
