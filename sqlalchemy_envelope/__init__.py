@@ -21,6 +21,7 @@ from .errors import (
     KeyInUseError,
     KeyNotFoundError,
     KmsError,
+    TableBusyError,
     ValueTypeError,
 )
 from .kms import AwsKms, KeyProvider, LocalKms
@@ -44,5 +45,6 @@ __all__ = [
     "KmsError",
     "LocalKms",
     "Stats",
+    "TableBusyError",
     "ValueTypeError",
 ]

@@ -55,6 +55,15 @@ class ValueTypeError(EnvelopeError, TypeError):
     """A Python value of the wrong type was bound to an encrypted column."""
 
 
+class TableBusyError(EnvelopeError):
+    """A job's schema change could not lock its table without stalling the application.
+
+    Another transaction kept the table through every try (each waits briefly,
+    so the application's queries never queue behind it for long). The job
+    keeps its progress: end or wait out that transaction, then run it again.
+    """
+
+
 def where(table: str | None, column: str | None, key_id: int | None = None) -> str:
     """The location part of a message: ``patients.ssn (key 3)``."""
     text = f"{table or '?'}.{column or '?'}"

@@ -24,6 +24,7 @@ atomic step that puts the complete shadow in its place.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Callable, Iterator
@@ -48,6 +49,7 @@ from .batches import (
     sqlite_write_lock,
 )
 from .claims import SharedJob, jobs_table, jobs_table_name
+from .locks import briefly_locking
 from .pages import lanes, walk
 from .reports import ColumnJobReport
 from .swap import swap
@@ -75,10 +77,12 @@ def _refuse_null_keys(conn: Connection, table: sa.Table, pk: list[sa.Column[Any]
 
 
 def _lock_table(conn: Connection, table: str, schema: str | None, column: str) -> None:
-    """Lock ``table`` against writes and DDL until the transaction ends (PostgreSQL, SQLite)."""
+    """Lock ``table`` against writes and DDL until the transaction ends (PostgreSQL, SQLite).
+
+    Run it under :func:`~.locks.briefly_locking`, which keeps the wait short.
+    """
     if conn.dialect.name == "postgresql":
         qt = conn.dialect.identifier_preparer.format_table(sa.table(table, schema=schema))
-        conn.exec_driver_sql("SET LOCAL lock_timeout = '10s'")  # never queue writers for long
         conn.exec_driver_sql(f"LOCK TABLE {qt} IN SHARE ROW EXCLUSIVE MODE")
     elif conn.dialect.name == "sqlite":
         sqlite_write_lock(conn, table, schema, column)
@@ -117,8 +121,11 @@ def abandon(bind: Engine | Connection, table: str, column: str, schema: str | No
         with conn.begin():
             present = {c["name"] for c in sa.inspect(conn).get_columns(table, schema)}
         for shadow in shadows:  # a trigger may have outlived its shadow (dropped by hand)
-            with conn.begin():
-                trigger.remove(conn, table, schema, shadow)
+            briefly_locking(
+                conn,
+                f"{table}: dropping the trigger of {shadow}",
+                functools.partial(trigger.remove, conn, table, schema, shadow),
+            )
         dropped = [shadow for shadow in shadows if shadow in present]
         for shadow in dropped:
             drop_shadow(conn, table, schema, shadow)
@@ -127,8 +134,9 @@ def abandon(bind: Engine | Connection, table: str, column: str, schema: str | No
 
 def drop_shadow(conn: Connection, table: str, schema: str | None, shadow: str) -> None:
     """Drop a shadow column and its trigger, in one transaction where DDL allows."""
-    with conn.begin():
-        _drop_shadow(conn, table, schema, shadow)
+    briefly_locking(
+        conn, f"{table}: dropping {shadow}", lambda: _drop_shadow(conn, table, schema, shadow)
+    )
 
 
 def _drop_shadow(conn: Connection, table: str, schema: str | None, shadow: str) -> None:
@@ -304,11 +312,16 @@ class Conversion:
             return state
         spec = CreateColumn(sa.Column(self.shadow, self.shadow_type, nullable=True))
         added = False
+
+        def add() -> None:  # one transaction where DDL is transactional (not MySQL)
+            nonlocal added
+            added = False
+            self._ddl(conn, f"ADD COLUMN {spec.compile(dialect=conn.dialect)}")
+            added = True
+            trigger.install(conn, self.table, self.schema, self.column, self.shadow)
+
         try:
-            with conn.begin():  # one transaction where DDL is transactional (not MySQL)
-                self._ddl(conn, f"ADD COLUMN {spec.compile(dialect=conn.dialect)}")
-                added = True
-                trigger.install(conn, self.table, self.schema, self.column, self.shadow)
+            briefly_locking(conn, f"{self.table}.{self.column}: adding {self.shadow}", add)
         except (ConfigurationError, sa.exc.DBAPIError):
             if added:  # no trigger: MySQL committed the ADD COLUMN, take it back
                 if self.shadow in self._columns(conn):
@@ -325,25 +338,26 @@ class Conversion:
 
     def _untrusted(self, conn: Connection) -> str:
         """The shadow has no trigger: drop it ("start"), unless it is gone meanwhile."""
-        with conn.begin():
-            # Lock against a swap meanwhile, briefly: writers queue behind a waiting lock.
-            _lock_table(conn, self.table, self.schema, self.column)
+
+        def check() -> str | None:
+            _lock_table(conn, self.table, self.schema, self.column)  # against a swap meanwhile
             if self.shadow not in self._columns(conn, begin=False):
-                gone = True
-            elif trigger.exists(conn, self.table, self.schema, self.shadow):
+                return None
+            if trigger.exists(conn, self.table, self.schema, self.shadow):
                 return "filling"
-            else:
-                gone = False
-                log.warning(
-                    "%s.%s: %s has no trigger (left by an earlier release, or by a swap "
-                    "stopped on MySQL), so updates since may be missing from it: filling it again",
-                    self.table,
-                    self.column,
-                    self.shadow,
-                )
-                _drop_shadow(conn, self.table, self.schema, self.shadow)
-        # Dropped here; or swapped, abandoned or restarted by another worker meanwhile.
-        return self._state(conn) if gone else "start"
+            log.warning(
+                "%s.%s: %s has no trigger (left by an earlier release, or by a swap "
+                "stopped on MySQL), so updates since may be missing from it: filling it again",
+                self.table,
+                self.column,
+                self.shadow,
+            )
+            _drop_shadow(conn, self.table, self.schema, self.shadow)
+            return "start"
+
+        state = briefly_locking(conn, f"{self.table}.{self.column}: checking {self.shadow}", check)
+        # None: swapped, abandoned or restarted by another worker meanwhile.
+        return self._state(conn) if state is None else state
 
     def _holds_ciphertext(self, conn: Connection, reflected: Any) -> bool:
         if not isinstance(reflected, sa.types._Binary):

@@ -4,7 +4,9 @@ One atomic step per database, so a crash leaves either the old column or the
 new one, never a table without either:
 
 * PostgreSQL: one transaction (DDL is transactional) that first locks the
-  table, so no write slips in between the last fill and the drop.
+  table, so no write slips in between the last fill and the drop. Its wait
+  for the lock is kept short and retried (:mod:`~.locks`), since the
+  application's queries queue behind a waiting lock.
 * SQLite: one transaction holding the database's write lock; the table is
   rebuilt with Alembic's batch mode (SQLite cannot add NOT NULL in place).
 * MySQL/MariaDB: ``LOCK TABLES ... WRITE`` for the last fill, then one
@@ -30,6 +32,7 @@ from sqlalchemy.schema import CreateColumn
 
 from . import trigger
 from .batches import sqlite_write_lock
+from .locks import briefly_locking
 
 log = logging.getLogger("sqlalchemy_envelope")
 
@@ -76,7 +79,8 @@ def swap(
                 conn.exec_driver_sql("UNLOCK TABLES")
         log.info("swapped %s.%s for its converted copy", table, column)
         return
-    with conn.begin():
+
+    def step() -> tuple[bool, list[Index]]:
         if dialect == "postgresql":
             conn.exec_driver_sql(f"LOCK TABLE {qt} IN ACCESS EXCLUSIVE MODE")
         else:
@@ -97,6 +101,9 @@ def swap(
                 conn.exec_driver_sql(_create_index(q, qt, index, constraints=True))
         else:
             _sqlite_rebuild(conn, table, schema, column, shadow, new_type, nullable, indexes)
+        return nullable, indexes
+
+    nullable, indexes = briefly_locking(conn, f"{table}.{column}: swap", step)
     log.info(
         "swapped %s.%s for its converted copy (nullable=%s, %d indexes)",
         table,
