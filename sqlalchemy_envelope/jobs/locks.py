@@ -1,21 +1,23 @@
-"""Strong table locks that do not stall the application (PostgreSQL).
+"""Strong table locks that do not stall the application (PostgreSQL, MySQL/MariaDB).
 
-``ALTER TABLE`` and ``LOCK TABLE`` wait for every transaction that has used
-the table, and while they wait, every new query on the table waits behind
-them: a conversion's swap queued behind one long report would stop the
-application for as long as the report runs. So each try at such a step waits
-at most :data:`LOCK_TIMEOUT` for its locks (``SET LOCAL lock_timeout``);
+``ALTER TABLE`` and ``LOCK TABLE(S)`` wait for every transaction that has
+used the table, and while they wait, every new query on the table waits
+behind them: a conversion's swap queued behind one long report would stop
+the application for as long as the report runs. So each try at such a step
+waits at most :data:`LOCK_TIMEOUT` for its locks (PostgreSQL's ``SET LOCAL
+lock_timeout``; MySQL's ``lock_wait_timeout`` for the try, whole seconds);
 if that runs out, its transaction rolls back, the application runs on, and
 the step is tried again after a pause, :data:`ATTEMPTS` times in all. Then
 :class:`~sqlalchemy_envelope.errors.TableBusyError` says which table and
 what to do; the conversion keeps its progress and a rerun resumes it.
+SQLite has one writer at a time and no such queue: there a step runs once.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -31,6 +33,7 @@ ATTEMPTS = 20
 FIRST_PAUSE, MAX_PAUSE = 1.0, 15.0
 
 _LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's SQLSTATE for a lock_timeout
+_MYSQL_LOCK_WAIT_TIMEOUT = 1205  # ER_LOCK_WAIT_TIMEOUT
 
 T = TypeVar("T")
 
@@ -38,16 +41,19 @@ T = TypeVar("T")
 def briefly_locking(conn: Connection, what: str, step: Callable[[], T]) -> T:
     """Run ``step`` in a transaction of its own whose lock waits are short, retrying them.
 
-    ``step`` should take its strongest lock first. On databases other than
-    PostgreSQL it runs once, in one transaction, as it is.
+    ``step`` should take its strongest lock first. On SQLite it runs once, in
+    one transaction, as it is.
     """
-    if conn.dialect.name != "postgresql":
+    dialect = conn.dialect.name
+    if dialect not in ("postgresql", "mysql"):
         with conn.begin():
             return step()
     pause = FIRST_PAUSE
     for attempt in range(1, ATTEMPTS + 1):
         try:
             with conn.begin():
+                if dialect == "mysql":
+                    return _mysql_try(conn, step)
                 conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{round(LOCK_TIMEOUT * 1000)}ms'")
                 return step()
         except sa.exc.OperationalError as exc:
@@ -65,14 +71,27 @@ def briefly_locking(conn: Connection, what: str, step: Callable[[], T]) -> T:
             )
             time.sleep(pause)
             pause = min(2 * pause, MAX_PAUSE)
+    sessions = "pg_stat_activity" if dialect == "postgresql" else "SHOW PROCESSLIST"
     raise TableBusyError(
         f"{what}: another transaction held the table through {ATTEMPTS} tries of "
-        f"{LOCK_TIMEOUT:g} s each; find it in pg_stat_activity (a long or idle-in-transaction "
+        f"{LOCK_TIMEOUT:g} s each; find it in {sessions} (a long or idle-in-transaction "
         "session), end it or wait for it, then run the job again: it resumes where it stopped"
     )
+
+
+def _mysql_try(conn: Connection, step: Callable[[], T]) -> T:
+    # A session setting: restored at once, since the connection goes back to a pool.
+    conn.exec_driver_sql(f"SET SESSION lock_wait_timeout = {max(1, round(LOCK_TIMEOUT))}")
+    try:
+        return step()
+    finally:
+        conn.exec_driver_sql("SET SESSION lock_wait_timeout = DEFAULT")
 
 
 def _lock_timed_out(exc: sa.exc.OperationalError) -> bool:
     orig = exc.orig
     code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-    return bool(code == _LOCK_NOT_AVAILABLE or "lock timeout" in str(orig))
+    if code == _LOCK_NOT_AVAILABLE or "lock timeout" in str(orig):
+        return True
+    args: tuple[Any, ...] = getattr(orig, "args", ())  # PyMySQL, mysqlclient: (errno, message)
+    return bool(args) and args[0] == _MYSQL_LOCK_WAIT_TIMEOUT

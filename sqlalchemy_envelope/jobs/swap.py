@@ -4,14 +4,16 @@ One atomic step per database, so a crash leaves either the old column or the
 new one, never a table without either:
 
 * PostgreSQL: one transaction (DDL is transactional) that first locks the
-  table, so no write slips in between the last fill and the drop. Its wait
-  for the lock is kept short and retried (:mod:`~.locks`), since the
-  application's queries queue behind a waiting lock.
+  table, so no write slips in between the last fill and the drop.
 * SQLite: one transaction holding the database's write lock; the table is
   rebuilt with Alembic's batch mode (SQLite cannot add NOT NULL in place).
 * MySQL/MariaDB: ``LOCK TABLES ... WRITE`` for the last fill, then one
   ``ALTER TABLE`` that drops the column, renames the shadow and re-creates
   the indexes together (a single DDL statement is atomic there).
+
+On PostgreSQL and MySQL the wait for the table lock is kept short and
+retried (:mod:`~.locks`), since the application's queries queue behind a
+waiting lock.
 
 Indexes and unique constraints on the column are re-created on the new one
 under their names; NOT NULL is restored. Foreign keys, CHECK constraints,
@@ -61,7 +63,8 @@ def swap(
     q = conn.dialect.identifier_preparer
     qt = q.format_table(sa.table(table, schema=schema))
     if dialect == "mysql":  # also MariaDB
-        with conn.begin():
+
+        def mysql_step() -> None:
             conn.exec_driver_sql(f"LOCK TABLES {qt} WRITE")
             try:
                 _finish_fill(fill_rest, table, column)
@@ -77,6 +80,8 @@ def swap(
                 conn.exec_driver_sql(f"ALTER TABLE {qt} {', '.join(clauses)}")
             finally:
                 conn.exec_driver_sql("UNLOCK TABLES")
+
+        briefly_locking(conn, f"{table}.{column}: swap", mysql_step)
         log.info("swapped %s.%s for its converted copy", table, column)
         return
 
