@@ -121,11 +121,8 @@ def abandon(bind: Engine | Connection, table: str, column: str, schema: str | No
         with conn.begin():
             present = {c["name"] for c in sa.inspect(conn).get_columns(table, schema)}
         for shadow in shadows:  # a trigger may have outlived its shadow (dropped by hand)
-            briefly_locking(
-                conn,
-                f"{table}: dropping the trigger of {shadow}",
-                functools.partial(trigger.remove, conn, table, schema, shadow),
-            )
+            step = functools.partial(trigger.remove, conn, table, schema, shadow)
+            briefly_locking(conn, f"{table}: dropping the trigger of {shadow}", step)
         dropped = [shadow for shadow in shadows if shadow in present]
         for shadow in dropped:
             drop_shadow(conn, table, schema, shadow)
@@ -134,9 +131,8 @@ def abandon(bind: Engine | Connection, table: str, column: str, schema: str | No
 
 def drop_shadow(conn: Connection, table: str, schema: str | None, shadow: str) -> None:
     """Drop a shadow column and its trigger, in one transaction where DDL allows."""
-    briefly_locking(
-        conn, f"{table}: dropping {shadow}", lambda: _drop_shadow(conn, table, schema, shadow)
-    )
+    step = functools.partial(_drop_shadow, conn, table, schema, shadow)
+    briefly_locking(conn, f"{table}: dropping {shadow}", step)
 
 
 def _drop_shadow(conn: Connection, table: str, schema: str | None, shadow: str) -> None:
