@@ -238,6 +238,8 @@ class Encrypted(TypeDecorator[Any]):
 
         def process_all(values: Sequence[Any]) -> list[Any]:
             present = [v for v in values if v is not None]
+            if not present:  # as the per-value path: no key is needed for NULLs
+                return list(values)
             try:
                 data: list[bytes] | None = [encode(v) for v in present]
             except _BAD_VALUE:

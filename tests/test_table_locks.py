@@ -161,3 +161,103 @@ def test_a_table_held_through_every_try_is_a_clear_error_and_a_rerun_resumes(
         assert conn.execute(sa.select(view.c.s).where(view.c.id == 1)).scalar_one() == (
             "after the failed swap"
         )
+
+
+def _fail_once(engine: sa.Engine, fragment: str) -> list[str]:
+    """Make the first statement containing ``fragment`` fail as MySQL's lock wait timeout."""
+    import pymysql
+
+    seen: list[str] = []
+
+    def before(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if fragment in statement and not seen:
+            seen.append(statement)
+            raise pymysql.err.OperationalError(1205, "Lock wait timeout exceeded")
+
+    sa.event.listen(engine, "before_cursor_execute", before)
+    return seen
+
+
+@pytest.mark.usefixtures("quick")
+@pytest.mark.parametrize("fragment", ["CHANGE COLUMN", "CREATE TRIGGER"])
+def test_mysql_never_retries_a_step_after_its_ddl_committed(
+    mysql_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms, fragment: str
+) -> None:
+    """DDL commits at once on MySQL: a timeout after it raises, and the next run starts clean.
+
+    A retried swap would run without the trigger it had already dropped, and
+    an update made during its pause would be lost.
+    """
+    engine = make_engine(mysql_url)
+    table, _ = make_table(engine)
+    envelope = envelope_on(engine, local_kms)
+    seen = _fail_once(engine, fragment)
+    with pytest.raises(TableBusyError, match="SHOW PROCESSLIST"):
+        encrypt_column(envelope, engine, "records", "s", Encrypted(sa.String(40)), batch_size=50)
+    assert seen
+    with engine.begin() as conn:  # between the runs, as during a retry's pause
+        conn.execute(sa.text("UPDATE records SET s = 'changed in between' WHERE id = 1"))
+    report = encrypt_column(envelope, engine, "records", "s", Encrypted(sa.String(40)))
+    assert report.swapped
+    view = encrypted_view(table, envelope, ["s"])
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(view.c.s).where(view.c.id == 1)).scalar_one() == (
+            "changed in between"
+        )
+
+
+@pytest.mark.usefixtures("quick")
+def test_mysql_gives_the_session_its_own_lock_wait_timeout_back(
+    mysql_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    engine = make_engine(mysql_url, pool_size=1, max_overflow=0)
+
+    @sa.event.listens_for(engine, "connect")
+    def own_setting(dbapi_conn: Any, record: Any) -> None:
+        with dbapi_conn.cursor() as cursor:
+            cursor.execute("SET SESSION lock_wait_timeout = 37")
+
+    make_table(engine)
+    envelope = envelope_on(engine, local_kms)
+    encrypt_column(envelope, engine, "records", "s", Encrypted(sa.String(40)), batch_size=50)
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT @@SESSION.lock_wait_timeout")).scalar() == 37
+
+
+@pytest.mark.usefixtures("quick")
+def test_a_distributed_swap_keeps_its_lease_while_it_waits(
+    setup: tuple[Envelope, sa.Engine, sa.Table],
+) -> None:
+    """Two workers, a lease shorter than the swap's wait (3 s): still one swap, and both finish."""
+    envelope, engine, table = setup
+    held = ExitStack()
+
+    def hold_for_a_while(done: int, total: int | None) -> None:
+        if done == total and not held._exit_callbacks:  # type: ignore[attr-defined]
+            end = held.enter_context(long_transaction(engine))
+            threading.Timer(3.0, end).start()
+
+    outcomes: dict[int, Any] = {}
+
+    def worker(n: int) -> None:
+        try:
+            outcomes[n] = encrypt_column(
+                envelope, engine, "records", "s", Encrypted(sa.String(40)), batch_size=50,
+                distributed=True, lease=2.5, progress=hold_for_a_while if n == 0 else None,
+            )  # fmt: skip
+        except BaseException as exc:
+            outcomes[n] = exc
+
+    with held:
+        first = threading.Thread(target=worker, args=(0,))
+        first.start()
+        time.sleep(1.0)
+        second = threading.Thread(target=worker, args=(1,))
+        second.start()
+        first.join(60)
+        second.join(60)
+    assert not any(isinstance(o, BaseException) for o in outcomes.values()), outcomes
+    assert sorted(o.swapped for o in outcomes.values()) == [False, True]
+    view = encrypted_view(table, envelope, ["s"])
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(view.c.s).where(view.c.id == 2)).scalar_one() == "secret 2 é"

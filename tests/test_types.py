@@ -232,6 +232,8 @@ def test_batch_bind_processor_is_the_bind_processor_for_a_list(deterministic: bo
     encrypted, dialect = table.c.value.type, engine.dialect
     one, all_ = encrypted.bind_processor(dialect), encrypted.batch_bind_processor(dialect)
     read = encrypted.result_processor(dialect, None)
+    assert all_([None, None]) == [None, None]  # as one(None): no data key is created for NULLs
+    assert envelope.stats.kms_calls == 0 and envelope.keys("t") == []
     values = ["a", None, "b", "a", None]
     stored = all_(values)
     assert [None if s is None else read(s) for s in stored] == values

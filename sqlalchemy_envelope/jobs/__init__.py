@@ -146,7 +146,7 @@ def reencrypt(
                 chunk_rows=chunk_rows or 10 * batch_size,
                 lease=lease,
             )
-            shared.run(target.table, target.pk, work, final=lambda: None)
+            shared.run(target.table, target.pk, work, final=lambda renew: None)
         else:
             work(None, None, lambda: None)
     log.info("reencrypt finished: %s", report)

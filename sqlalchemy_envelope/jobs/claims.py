@@ -110,13 +110,15 @@ class SharedJob:
         table: sa.Table,
         pk: list[sa.Column[Any]],
         work: Work,
-        final: Callable[[], None],
+        final: Callable[[Callable[[], None]], None],
         *,
         fresh: bool = False,
     ) -> None:
         """Work through claimed ranges until the whole plan, final step included, is done.
 
-        ``fresh``: an earlier plan of this job no longer applies (its work was undone).
+        ``final(renew)`` should call ``renew()`` while it waits (its lease runs
+        out otherwise). ``fresh``: an earlier plan of this job no longer
+        applies (its work was undone).
         """
         self._create_table()
         if fresh:
@@ -139,7 +141,7 @@ class SharedJob:
             ranges_done = all(state == DONE for chunk, state in states.items() if chunk != FINAL)
             if ranges_done and self._claim(final=True) is not None:
                 log.info("job %r: worker %s runs the final step", self.job, self.owner)
-                final()
+                final(lambda: self._renew(FINAL))
                 self._set(FINAL, state=DONE)
                 log.info("job %r: done", self.job)
                 return

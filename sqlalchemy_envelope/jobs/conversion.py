@@ -96,9 +96,12 @@ def _serialized(conn: Connection, name: str) -> Iterator[None]:
         return
     key = "envelope:" + hashlib.sha256(name.encode()).hexdigest()[:40]
     with conn.begin():
-        got = conn.execute(sa.text("SELECT GET_LOCK(:k, 120)"), {"k": key}).scalar()
+        # Longer than a worker's tries at its table lock (jobs.locks) may last.
+        got = conn.execute(sa.text("SELECT GET_LOCK(:k, 600)"), {"k": key}).scalar()
     if got != 1:
-        raise ConfigurationError(f"{name}: another worker held the conversion's lock for 2 minutes")
+        raise ConfigurationError(
+            f"{name}: another worker held the conversion's lock for 10 minutes"
+        )
     try:
         yield
     finally:
@@ -227,7 +230,7 @@ class Conversion:
                 )  # fmt: skip
                 return sum(pages)
 
-            def final() -> None:
+            def final(renew: Callable[[], None]) -> None:
                 if self._state(conn) == "filling":
                     swap(
                         conn,
@@ -237,6 +240,7 @@ class Conversion:
                         self.shadow,
                         self.shadow_type,
                         rest,
+                        renew,
                     )
                     report.swapped = True
 
@@ -253,7 +257,7 @@ class Conversion:
                 shared.run(table, pk, work, final, fresh=state == "added")
             else:
                 work(None, None, lambda: None)
-                final()
+                final(lambda: None)
         log.info("%s %s: finished (%d rows converted here)", self.verb, where, report.rows)
         return report
 
@@ -309,15 +313,18 @@ class Conversion:
         spec = CreateColumn(sa.Column(self.shadow, self.shadow_type, nullable=True))
         added = False
 
-        def add() -> None:  # one transaction where DDL is transactional (not MySQL)
+        def add() -> None:  # takes the table lock; one transaction with the trigger (not MySQL)
             nonlocal added
-            added = False
             self._ddl(conn, f"ADD COLUMN {spec.compile(dialect=conn.dialect)}")
             added = True
+
+        def install() -> None:
             trigger.install(conn, self.table, self.schema, self.column, self.shadow)
 
         try:
-            briefly_locking(conn, f"{self.table}.{self.column}: adding {self.shadow}", add)
+            briefly_locking(
+                conn, f"{self.table}.{self.column}: adding {self.shadow}", install, lock=add
+            )
         except (ConfigurationError, sa.exc.DBAPIError):
             if added:  # no trigger: MySQL committed the ADD COLUMN, take it back
                 if self.shadow in self._columns(conn):
@@ -336,7 +343,6 @@ class Conversion:
         """The shadow has no trigger: drop it ("start"), unless it is gone meanwhile."""
 
         def check() -> str | None:
-            _lock_table(conn, self.table, self.schema, self.column)  # against a swap meanwhile
             if self.shadow not in self._columns(conn, begin=False):
                 return None
             if trigger.exists(conn, self.table, self.schema, self.shadow):
@@ -351,7 +357,9 @@ class Conversion:
             _drop_shadow(conn, self.table, self.schema, self.shadow)
             return "start"
 
-        state = briefly_locking(conn, f"{self.table}.{self.column}: checking {self.shadow}", check)
+        lock = functools.partial(_lock_table, conn, self.table, self.schema, self.column)
+        where = f"{self.table}.{self.column}: checking {self.shadow}"
+        state = briefly_locking(conn, where, check, lock=lock)  # against a swap meanwhile
         # None: swapped, abandoned or restarted by another worker meanwhile.
         return self._state(conn) if state is None else state
 

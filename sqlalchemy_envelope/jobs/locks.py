@@ -16,7 +16,8 @@ SQLite has one writer at a time and no such queue: there a step runs once.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -38,27 +39,45 @@ _MYSQL_LOCK_WAIT_TIMEOUT = 1205  # ER_LOCK_WAIT_TIMEOUT
 T = TypeVar("T")
 
 
-def briefly_locking(conn: Connection, what: str, step: Callable[[], T]) -> T:
-    """Run ``step`` in a transaction of its own whose lock waits are short, retrying them.
+def briefly_locking(
+    conn: Connection,
+    what: str,
+    step: Callable[[], T],
+    *,
+    lock: Callable[[], None] | None = None,
+    between: Callable[[], None] | None = None,
+) -> T:
+    """``lock()`` then ``step()``, in a transaction of its own whose lock waits are short.
 
-    ``step`` should take its strongest lock first. On SQLite it runs once, in
-    one transaction, as it is.
+    ``lock`` takes the table lock the step needs (its first statement). A try
+    whose wait runs out is tried again: on PostgreSQL wherever in the
+    transaction it ran out, since all of it rolls back; on MySQL only within
+    ``lock``, since DDL commits at once there and a retry after it would find
+    the table half-changed (a wait that runs out later raises TableBusyError
+    at once; the job's next run resumes). ``between`` runs before each new
+    try (a distributed job renews its lease there). On SQLite both run once,
+    in one transaction, as they are.
     """
     dialect = conn.dialect.name
     if dialect not in ("postgresql", "mysql"):
         with conn.begin():
+            if lock is not None:
+                lock()
             return step()
     pause = FIRST_PAUSE
     for attempt in range(1, ATTEMPTS + 1):
+        locked = False
         try:
-            with conn.begin():
-                if dialect == "mysql":
-                    return _mysql_try(conn, step)
-                conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{round(LOCK_TIMEOUT * 1000)}ms'")
+            with conn.begin(), _short_lock_waits(conn):
+                if lock is not None:
+                    lock()
+                locked = True
                 return step()
         except sa.exc.OperationalError as exc:
             if not _lock_timed_out(exc):
                 raise
+            if locked and dialect == "mysql":
+                raise _busy(what, dialect, "a try") from None
         if attempt < ATTEMPTS:
             log.warning(
                 "%s: the table is in use by another transaction (waited %.1f s for its lock); "
@@ -71,21 +90,37 @@ def briefly_locking(conn: Connection, what: str, step: Callable[[], T]) -> T:
             )
             time.sleep(pause)
             pause = min(2 * pause, MAX_PAUSE)
+            if between is not None:
+                between()
+    raise _busy(what, dialect, f"{ATTEMPTS} tries")
+
+
+def _busy(what: str, dialect: str, tries: str) -> TableBusyError:
     sessions = "pg_stat_activity" if dialect == "postgresql" else "SHOW PROCESSLIST"
-    raise TableBusyError(
-        f"{what}: another transaction held the table through {ATTEMPTS} tries of "
-        f"{LOCK_TIMEOUT:g} s each; find it in {sessions} (a long or idle-in-transaction "
-        "session), end it or wait for it, then run the job again: it resumes where it stopped"
+    return TableBusyError(
+        f"{what}: another transaction held the table through {tries} of {LOCK_TIMEOUT:g} s "
+        f"each; find it in {sessions} (a long or idle-in-transaction session), end it or "
+        "wait for it, then run the job again: it resumes where it stopped"
     )
 
 
-def _mysql_try(conn: Connection, step: Callable[[], T]) -> T:
-    # A session setting: restored at once, since the connection goes back to a pool.
+@contextmanager
+def _short_lock_waits(conn: Connection) -> Iterator[None]:
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{round(LOCK_TIMEOUT * 1000)}ms'")
+        yield
+        return
+    # MySQL: a session setting, so the session's own value is put back at once (the
+    # connection returns to a pool); a connection that cannot take it back is discarded.
+    previous = int(conn.exec_driver_sql("SELECT @@SESSION.lock_wait_timeout").scalar_one())
     conn.exec_driver_sql(f"SET SESSION lock_wait_timeout = {max(1, round(LOCK_TIMEOUT))}")
     try:
-        return step()
+        yield
     finally:
-        conn.exec_driver_sql("SET SESSION lock_wait_timeout = DEFAULT")
+        try:
+            conn.exec_driver_sql(f"SET SESSION lock_wait_timeout = {previous}")
+        except sa.exc.DBAPIError:
+            conn.invalidate()
 
 
 def _lock_timed_out(exc: sa.exc.OperationalError) -> bool:

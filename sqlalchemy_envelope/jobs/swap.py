@@ -57,15 +57,21 @@ def swap(
     shadow: str,
     new_type: sa.types.TypeEngine[Any],
     fill_rest: FillRest,
+    between_tries: Callable[[], None] | None = None,
 ) -> None:
-    """Replace ``column`` by ``shadow`` (of ``new_type``) after filling the rows still missing."""
+    """Replace ``column`` by ``shadow`` (of ``new_type``) after filling the rows still missing.
+
+    ``between_tries`` runs while the swap waits to try its table lock again.
+    """
     dialect = conn.dialect.name
     q = conn.dialect.identifier_preparer
     qt = q.format_table(sa.table(table, schema=schema))
     if dialect == "mysql":  # also MariaDB
 
-        def mysql_step() -> None:
+        def mysql_lock() -> None:
             conn.exec_driver_sql(f"LOCK TABLES {qt} WRITE")
+
+        def mysql_step() -> None:
             try:
                 _finish_fill(fill_rest, table, column)
                 trigger.remove(conn, table, schema, shadow)
@@ -81,15 +87,18 @@ def swap(
             finally:
                 conn.exec_driver_sql("UNLOCK TABLES")
 
-        briefly_locking(conn, f"{table}.{column}: swap", mysql_step)
+        what = f"{table}.{column}: swap"
+        briefly_locking(conn, what, mysql_step, lock=mysql_lock, between=between_tries)
         log.info("swapped %s.%s for its converted copy", table, column)
         return
 
-    def step() -> tuple[bool, list[Index]]:
+    def lock() -> None:
         if dialect == "postgresql":
             conn.exec_driver_sql(f"LOCK TABLE {qt} IN ACCESS EXCLUSIVE MODE")
         else:
             sqlite_write_lock(conn, table, schema, shadow)
+
+    def step() -> tuple[bool, list[Index]]:
         _finish_fill(fill_rest, table, column)
         trigger.remove(conn, table, schema, shadow)
         nullable, indexes = _schema(conn, table, schema, column)
@@ -108,7 +117,8 @@ def swap(
             _sqlite_rebuild(conn, table, schema, column, shadow, new_type, nullable, indexes)
         return nullable, indexes
 
-    nullable, indexes = briefly_locking(conn, f"{table}.{column}: swap", step)
+    what = f"{table}.{column}: swap"
+    nullable, indexes = briefly_locking(conn, what, step, lock=lock, between=between_tries)
     log.info(
         "swapped %s.%s for its converted copy (nullable=%s, %d indexes)",
         table,
