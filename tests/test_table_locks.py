@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from sqlalchemy_envelope import Encrypted, Envelope, LocalKms, TableBusyError
-from sqlalchemy_envelope.jobs import encrypt_column, locks, trigger
+from sqlalchemy_envelope import ConfigurationError, Encrypted, Envelope, LocalKms, TableBusyError
+from sqlalchemy_envelope.jobs import abandon_conversion, encrypt_column, locks, trigger
 
 from .test_inplace import encrypted_view, envelope_on, make_table
 
@@ -258,6 +258,86 @@ def test_a_distributed_swap_keeps_its_lease_while_it_waits(
         second.join(60)
     assert not any(isinstance(o, BaseException) for o in outcomes.values()), outcomes
     assert sorted(o.swapped for o in outcomes.values()) == [False, True]
+    view = encrypted_view(table, envelope, ["s"])
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(view.c.s).where(view.c.id == 2)).scalar_one() == "secret 2 é"
+
+
+def test_a_swap_refuses_a_shadow_that_lost_its_trigger(
+    any_db_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    """What a swap stopped half-way on MySQL leaves, as another worker would find it."""
+    from sqlalchemy_envelope.jobs.swap import swap
+
+    from .test_inplace import stop_after_a_batch
+
+    engine = make_engine(any_db_url)
+    make_table(engine)
+    envelope = envelope_on(engine, local_kms)
+    stop_after_a_batch(envelope, engine)
+    with engine.begin() as conn:
+        trigger.remove(conn, "records", None, SHADOW)
+    with engine.connect() as conn, pytest.raises(ConfigurationError, match="lost its trigger"):
+        swap(conn, "records", None, "s", SHADOW, sa.LargeBinary(), lambda: 0)
+    with engine.connect() as conn:  # nothing changed
+        assert SHADOW in {c["name"] for c in sa.inspect(conn).get_columns("records")}
+    report = encrypt_column(envelope, engine, "records", "s", Encrypted(sa.String(40)))
+    assert report.swapped
+
+
+@pytest.mark.usefixtures("quick")
+def test_a_drop_is_retried_until_the_table_is_free(
+    setup: tuple[Envelope, sa.Engine, sa.Table],
+) -> None:
+    """abandon_conversion's drops are safe to repeat, so MySQL retries them too."""
+    from .test_inplace import stop_after_a_batch
+
+    envelope, engine, _ = setup
+    stop_after_a_batch(envelope, engine)
+    with long_transaction(engine) as end:
+        threading.Timer(2.5, end).start()
+        assert abandon_conversion(engine, "records", "s") == [SHADOW]
+    with engine.connect() as conn:
+        assert SHADOW not in {c["name"] for c in sa.inspect(conn).get_columns("records")}
+        assert not trigger.exists(conn, "records", None, SHADOW)
+
+
+@pytest.mark.usefixtures("quick")
+def test_a_worker_that_outwaits_its_lease_on_the_swap_stops_and_says_so(
+    setup: tuple[Envelope, sa.Engine, sa.Table], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    envelope, engine, table = setup
+    monkeypatch.setattr(locks, "FIRST_PAUSE", 4.0)  # longer than the lease
+    monkeypatch.setattr(locks, "MAX_PAUSE", 4.0)
+    held = ExitStack()
+
+    def hold_for_a_while(done: int, total: int | None) -> None:
+        if done == total and not held._exit_callbacks:  # type: ignore[attr-defined]
+            end = held.enter_context(long_transaction(engine))
+            threading.Timer(3.0, end).start()
+
+    outcomes: dict[int, Any] = {}
+
+    def worker(n: int) -> None:
+        try:
+            outcomes[n] = encrypt_column(
+                envelope, engine, "records", "s", Encrypted(sa.String(40)), batch_size=50,
+                distributed=True, lease=2.5, progress=hold_for_a_while if n == 0 else None,
+            )  # fmt: skip
+        except BaseException as exc:
+            outcomes[n] = exc
+
+    with held:
+        first = threading.Thread(target=worker, args=(0,))
+        first.start()
+        time.sleep(1.0)
+        second = threading.Thread(target=worker, args=(1,))
+        second.start()
+        first.join(60)
+        second.join(60)
+    assert isinstance(outcomes[0], ConfigurationError), outcomes
+    assert "took over the final step" in str(outcomes[0])
+    assert not isinstance(outcomes[1], BaseException) and outcomes[1].swapped, outcomes
     view = encrypted_view(table, envelope, ["s"])
     with engine.connect() as conn:
         assert conn.execute(sa.select(view.c.s).where(view.c.id == 2)).scalar_one() == "secret 2 é"

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from ..errors import ConfigurationError
 from .batches import Key, boundaries, dump_key, load_key
 
 if TYPE_CHECKING:
@@ -141,7 +142,7 @@ class SharedJob:
             ranges_done = all(state == DONE for chunk, state in states.items() if chunk != FINAL)
             if ranges_done and self._claim(final=True) is not None:
                 log.info("job %r: worker %s runs the final step", self.job, self.owner)
-                final(lambda: self._renew(FINAL))
+                final(lambda: self._renew(FINAL, strict=True))
                 self._set(FINAL, state=DONE)
                 log.info("job %r: done", self.job)
                 return
@@ -213,15 +214,22 @@ class SharedJob:
             if won == 1:
                 return row.chunk, load_key(row.lo), load_key(row.hi)
 
-    def _renew(self, chunk: int) -> None:
+    def _renew(self, chunk: int, *, strict: bool = False) -> None:
+        """Extend our lease on ``chunk``; ``strict``: raise if another worker took it over."""
         j = self.jobs.c
         with self.conn.begin():
-            self.conn.execute(
+            renewed = self.conn.execute(
                 self.jobs.update()
                 .where(
                     j.job == self.job, j.chunk == chunk, j.owner == self.owner, j.state == RUNNING
                 )
                 .values(lease_until=_now_ms() + self.lease_ms)
+            ).rowcount
+        if strict and renewed == 0:
+            raise ConfigurationError(
+                f"job {self.job!r}: worker {self.owner} waited past its lease of "
+                f"{self.lease_ms / 1000:g} s and another worker took over the final step; "
+                "a longer lease avoids this"
             )
 
     def _set(self, chunk: int, *, state: str) -> None:

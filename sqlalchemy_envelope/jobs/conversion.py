@@ -315,6 +315,7 @@ class Conversion:
 
         def add() -> None:  # takes the table lock; one transaction with the trigger (not MySQL)
             nonlocal added
+            added = False
             self._ddl(conn, f"ADD COLUMN {spec.compile(dialect=conn.dialect)}")
             added = True
 
@@ -342,7 +343,8 @@ class Conversion:
     def _untrusted(self, conn: Connection) -> str:
         """The shadow has no trigger: drop it ("start"), unless it is gone meanwhile."""
 
-        def check() -> str | None:
+        def check() -> str | None:  # safe to repeat, as MySQL may (no lock there)
+            _lock_table(conn, self.table, self.schema, self.column)  # against a swap meanwhile
             if self.shadow not in self._columns(conn, begin=False):
                 return None
             if trigger.exists(conn, self.table, self.schema, self.shadow):
@@ -357,9 +359,7 @@ class Conversion:
             _drop_shadow(conn, self.table, self.schema, self.shadow)
             return "start"
 
-        lock = functools.partial(_lock_table, conn, self.table, self.schema, self.column)
-        where = f"{self.table}.{self.column}: checking {self.shadow}"
-        state = briefly_locking(conn, where, check, lock=lock)  # against a swap meanwhile
+        state = briefly_locking(conn, f"{self.table}.{self.column}: checking {self.shadow}", check)
         # None: swapped, abandoned or restarted by another worker meanwhile.
         return self._state(conn) if state is None else state
 

@@ -54,9 +54,10 @@ def briefly_locking(
     transaction it ran out, since all of it rolls back; on MySQL only within
     ``lock``, since DDL commits at once there and a retry after it would find
     the table half-changed (a wait that runs out later raises TableBusyError
-    at once; the job's next run resumes). ``between`` runs before each new
-    try (a distributed job renews its lease there). On SQLite both run once,
-    in one transaction, as they are.
+    at once; the job's next run resumes). Without ``lock``, ``step`` is
+    retried whole on MySQL too: it must be safe to repeat (the drops are).
+    ``between`` runs before and after each pause (a distributed job renews
+    its lease there). On SQLite both run once, in one transaction, as they are.
     """
     dialect = conn.dialect.name
     if dialect not in ("postgresql", "mysql"):
@@ -71,13 +72,13 @@ def briefly_locking(
             with conn.begin(), _short_lock_waits(conn):
                 if lock is not None:
                     lock()
-                locked = True
+                    locked = True
                 return step()
         except sa.exc.OperationalError as exc:
             if not _lock_timed_out(exc):
                 raise
             if locked and dialect == "mysql":
-                raise _busy(what, dialect, "a try") from None
+                raise _busy(what, dialect, "its lock") from None
         if attempt < ATTEMPTS:
             log.warning(
                 "%s: the table is in use by another transaction (waited %.1f s for its lock); "
@@ -88,6 +89,8 @@ def briefly_locking(
                 attempt,
                 ATTEMPTS,
             )
+            if between is not None:
+                between()
             time.sleep(pause)
             pause = min(2 * pause, MAX_PAUSE)
             if between is not None:
@@ -98,9 +101,9 @@ def briefly_locking(
 def _busy(what: str, dialect: str, tries: str) -> TableBusyError:
     sessions = "pg_stat_activity" if dialect == "postgresql" else "SHOW PROCESSLIST"
     return TableBusyError(
-        f"{what}: another transaction held the table through {tries} of {LOCK_TIMEOUT:g} s "
-        f"each; find it in {sessions} (a long or idle-in-transaction session), end it or "
-        "wait for it, then run the job again: it resumes where it stopped"
+        f"{what}: another transaction held the table through {tries} "
+        f"(waits of {LOCK_TIMEOUT:g} s); find it in {sessions} (a long or idle-in-transaction "
+        "session), end it or wait for it, then run the job again: it resumes where it stopped"
     )
 
 
@@ -121,6 +124,7 @@ def _short_lock_waits(conn: Connection) -> Iterator[None]:
             conn.exec_driver_sql(f"SET SESSION lock_wait_timeout = {previous}")
         except sa.exc.DBAPIError:
             conn.invalidate()
+            raise
 
 
 def _lock_timed_out(exc: sa.exc.OperationalError) -> bool:

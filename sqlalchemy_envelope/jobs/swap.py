@@ -32,6 +32,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.schema import CreateColumn
 
+from ..errors import ConfigurationError
 from . import trigger
 from .batches import sqlite_write_lock
 from .locks import briefly_locking
@@ -73,6 +74,7 @@ def swap(
 
         def mysql_step() -> None:
             try:
+                _check_trigger(conn, table, schema, column, shadow)
                 _finish_fill(fill_rest, table, column)
                 trigger.remove(conn, table, schema, shadow)
                 nullable, indexes = _schema(conn, table, schema, column)
@@ -99,6 +101,7 @@ def swap(
             sqlite_write_lock(conn, table, schema, shadow)
 
     def step() -> tuple[bool, list[Index]]:
+        _check_trigger(conn, table, schema, column, shadow)
         _finish_fill(fill_rest, table, column)
         trigger.remove(conn, table, schema, shadow)
         nullable, indexes = _schema(conn, table, schema, column)
@@ -126,6 +129,21 @@ def swap(
         nullable,
         len(indexes),
     )
+
+
+def _check_trigger(
+    conn: Connection, table: str, schema: str | None, column: str, shadow: str
+) -> None:
+    """Refuse a shadow that lost its trigger: it may have missed updates since.
+
+    Only a swap stopped half-way on MySQL (the trigger's drop commits at once)
+    leaves one; another worker of a distributed job may come to swap it.
+    """
+    if not trigger.exists(conn, table, schema, shadow):
+        raise ConfigurationError(
+            f"{table}.{column}: {shadow} has lost its trigger (a swap stopped half-way), so "
+            "it may lack updates made since; run the job again: it fills the column anew"
+        )
 
 
 def _finish_fill(fill_rest: FillRest, table: str, column: str) -> None:
