@@ -310,3 +310,27 @@ def test_composite_primary_key(
         stored = {(r.tenant, r.id): r.body for r in conn.execute(sa.select(table))}
     assert stored == {(r["tenant"], r["id"]): r["body"] for r in rows}
     assert key_ids(engine, "events", ["body"]) == {new: 101}
+
+
+def test_reencrypt_pages_with_interleaved_keys(app: tuple[App, sa.Engine]) -> None:
+    """Pages whose values alternate between old keys and the active one: each goes its way."""
+    a, engine = app
+    before = snapshot(a, engine)
+    first = a.envelope.keys("patients")[0].id
+    second = a.envelope.rotate("patients")
+    with Session(engine) as s:  # every third patient rewritten under the second key
+        for p in s.scalars(sa.select(a.Patient).where(a.Patient.id % 3 == 0)):
+            sa.orm.attributes.flag_modified(p, "name")
+        s.commit()
+    third = a.envelope.rotate("patients")
+    with Session(engine) as s:  # every fifth under the active (third) key
+        for p in s.scalars(sa.select(a.Patient).where(a.Patient.id % 5 == 0)):
+            sa.orm.attributes.flag_modified(p, "name")
+        s.commit()
+    names = key_ids(engine, "patients", ["name"])
+    assert set(names) == {first, second, third}
+    report = reencrypt(a.envelope, a.Patient, batch_size=50, columns=["name"])
+    assert report.values_current == names[third]
+    assert report.values_rewritten == names[first] + names[second]
+    assert key_ids(engine, "patients", ["name"]) == {third: N}
+    assert snapshot(a, engine) == before

@@ -266,22 +266,26 @@ class _Rewriter:
         keys: list[Key] = []
         olds: list[bytes] = []
         plaintexts: list[bytes] = []
+        last_head, open_ = active_head, None  # a page's values mostly share a key
         for row in rows:
             value = row[i]
             if value is None:
                 continue
-            value = bytes(value)
+            if type(value) is not bytes:
+                value = bytes(value)
             head = value[:head_size]
-            if head == active_head:
-                report.values_current += 1
-                continue
-            cipher = ciphers.get(head)
-            if cipher is None or cipher.expires <= now:
-                cipher = self._cipher(crypter, value)
-                if cipher is None:
+            if head != last_head or open_ is None:
+                if head == active_head:
+                    report.values_current += 1
                     continue
+                cipher = ciphers.get(head)
+                if cipher is None or cipher.expires <= now:
+                    cipher = self._cipher(crypter, value)
+                    if cipher is None:
+                        continue
+                last_head, open_ = head, cipher.open
             try:
-                plaintext = cipher.open(value)
+                plaintext = open_(value)
             except AuthenticationFailed:
                 report.unreadable += 1
                 continue
