@@ -7,8 +7,9 @@ batch, holding one batch in memory per connection it runs batches on (two
 on PostgreSQL, see :mod:`sqlalchemy_envelope.jobs.pages`; one elsewhere).
 The pieces: ``batches`` (key ranges, connections, progress), ``pages`` (the
 walk), ``writes`` and ``pg_arrays`` (writing a batch back), ``claims``
-(workers sharing a table), ``conversion``, ``trigger`` and ``swap`` (columns
-converted in place), ``discovery`` and ``reports``. ``distributed=True`` lets several workers
+(workers sharing a table), ``conversion``, ``trigger``, ``swap`` and ``locks``
+(columns converted in place; schema changes that never queue the application for
+long), ``discovery`` and ``reports``. ``distributed=True`` lets several workers
 share one table through claimed key ranges (see :mod:`sqlalchemy_envelope.jobs.claims`).
 Progress is logged at INFO on the ``sqlalchemy_envelope`` logger with scopes,
 key ids and counts, never values.
