@@ -81,6 +81,49 @@ def timed_update(engine: sa.Engine, text: str) -> float:
     return time.monotonic() - started
 
 
+def two_workers_held_at_the_swap(envelope: Envelope, engine: sa.Engine) -> dict[int, Any]:
+    """A distributed encrypt_column on two workers (lease 2.5 s); the swap's table held 3 s.
+
+    Worker 0 opens the long transaction once the fill is done; worker 1
+    joins a second later. Returns each worker's report or exception.
+    """
+    held = ExitStack()
+
+    def hold_for_a_while(done: int, total: int | None) -> None:
+        if done == total and not held._exit_callbacks:  # type: ignore[attr-defined]
+            end = held.enter_context(long_transaction(engine))
+            threading.Timer(3.0, end).start()
+
+    outcomes: dict[int, Any] = {}
+
+    def worker(n: int) -> None:
+        try:
+            outcomes[n] = encrypt_column(
+                envelope, engine, "records", "s", Encrypted(sa.String(40)), batch_size=50,
+                distributed=True, lease=2.5, progress=hold_for_a_while if n == 0 else None,
+            )  # fmt: skip
+        except BaseException as exc:
+            outcomes[n] = exc
+
+    with held:
+        workers = [threading.Thread(target=worker, args=(n,)) for n in (0, 1)]
+        workers[0].start()
+        time.sleep(1.0)
+        workers[1].start()
+        for thread in workers:
+            thread.join(60)
+    return outcomes
+
+
+def assert_converted(
+    engine: sa.Engine, envelope: Envelope, table: sa.Table, row: int = 2, value: str = "secret 2 é"
+) -> None:
+    """Column s of ``row`` reads back as ``value`` through Encrypted."""
+    view = encrypted_view(table, envelope, ["s"])
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(view.c.s).where(view.c.id == row)).scalar_one() == value
+
+
 @pytest.mark.usefixtures("quick")
 def test_the_swap_retries_while_the_application_keeps_writing(
     setup: tuple[Envelope, sa.Engine, sa.Table], caplog: pytest.LogCaptureFixture
@@ -123,10 +166,7 @@ def test_the_swap_retries_while_the_application_keeps_writing(
     (report,) = outcome
     assert not isinstance(report, BaseException), report
     assert report.swapped
-    view = encrypted_view(table, envelope, ["s"])
-    with engine.connect() as conn:
-        got = conn.execute(sa.select(view.c.s).where(view.c.id == 1)).scalar_one()
-    assert got == "written while the job waited"
+    assert_converted(engine, envelope, table, 1, "written while the job waited")
 
 
 @pytest.mark.usefixtures("quick")
@@ -156,11 +196,7 @@ def test_a_table_held_through_every_try_is_a_clear_error_and_a_rerun_resumes(
             assert trigger.exists(conn, "records", None, SHADOW)
     report = encrypt_column(envelope, engine, "records", "s", Encrypted(sa.String(40)))
     assert report.swapped
-    view = encrypted_view(table, envelope, ["s"])
-    with engine.connect() as conn:
-        assert conn.execute(sa.select(view.c.s).where(view.c.id == 1)).scalar_one() == (
-            "after the failed swap"
-        )
+    assert_converted(engine, envelope, table, 1, "after the failed swap")
 
 
 def _fail_once(engine: sa.Engine, fragment: str) -> list[str]:
@@ -199,11 +235,7 @@ def test_mysql_never_retries_a_step_after_its_ddl_committed(
         conn.execute(sa.text("UPDATE records SET s = 'changed in between' WHERE id = 1"))
     report = encrypt_column(envelope, engine, "records", "s", Encrypted(sa.String(40)))
     assert report.swapped
-    view = encrypted_view(table, envelope, ["s"])
-    with engine.connect() as conn:
-        assert conn.execute(sa.select(view.c.s).where(view.c.id == 1)).scalar_one() == (
-            "changed in between"
-        )
+    assert_converted(engine, envelope, table, 1, "changed in between")
 
 
 @pytest.mark.usefixtures("quick")
@@ -230,37 +262,10 @@ def test_a_distributed_swap_keeps_its_lease_while_it_waits(
 ) -> None:
     """Two workers, a lease shorter than the swap's wait (3 s): still one swap, and both finish."""
     envelope, engine, table = setup
-    held = ExitStack()
-
-    def hold_for_a_while(done: int, total: int | None) -> None:
-        if done == total and not held._exit_callbacks:  # type: ignore[attr-defined]
-            end = held.enter_context(long_transaction(engine))
-            threading.Timer(3.0, end).start()
-
-    outcomes: dict[int, Any] = {}
-
-    def worker(n: int) -> None:
-        try:
-            outcomes[n] = encrypt_column(
-                envelope, engine, "records", "s", Encrypted(sa.String(40)), batch_size=50,
-                distributed=True, lease=2.5, progress=hold_for_a_while if n == 0 else None,
-            )  # fmt: skip
-        except BaseException as exc:
-            outcomes[n] = exc
-
-    with held:
-        first = threading.Thread(target=worker, args=(0,))
-        first.start()
-        time.sleep(1.0)
-        second = threading.Thread(target=worker, args=(1,))
-        second.start()
-        first.join(60)
-        second.join(60)
+    outcomes = two_workers_held_at_the_swap(envelope, engine)
     assert not any(isinstance(o, BaseException) for o in outcomes.values()), outcomes
     assert sorted(o.swapped for o in outcomes.values()) == [False, True]
-    view = encrypted_view(table, envelope, ["s"])
-    with engine.connect() as conn:
-        assert conn.execute(sa.select(view.c.s).where(view.c.id == 2)).scalar_one() == "secret 2 é"
+    assert_converted(engine, envelope, table)
 
 
 def test_a_swap_refuses_a_shadow_that_lost_its_trigger(
@@ -309,35 +314,8 @@ def test_a_worker_that_outwaits_its_lease_on_the_swap_stops_and_says_so(
     envelope, engine, table = setup
     monkeypatch.setattr(locks, "FIRST_PAUSE", 4.0)  # longer than the lease
     monkeypatch.setattr(locks, "MAX_PAUSE", 4.0)
-    held = ExitStack()
-
-    def hold_for_a_while(done: int, total: int | None) -> None:
-        if done == total and not held._exit_callbacks:  # type: ignore[attr-defined]
-            end = held.enter_context(long_transaction(engine))
-            threading.Timer(3.0, end).start()
-
-    outcomes: dict[int, Any] = {}
-
-    def worker(n: int) -> None:
-        try:
-            outcomes[n] = encrypt_column(
-                envelope, engine, "records", "s", Encrypted(sa.String(40)), batch_size=50,
-                distributed=True, lease=2.5, progress=hold_for_a_while if n == 0 else None,
-            )  # fmt: skip
-        except BaseException as exc:
-            outcomes[n] = exc
-
-    with held:
-        first = threading.Thread(target=worker, args=(0,))
-        first.start()
-        time.sleep(1.0)
-        second = threading.Thread(target=worker, args=(1,))
-        second.start()
-        first.join(60)
-        second.join(60)
+    outcomes = two_workers_held_at_the_swap(envelope, engine)
     assert isinstance(outcomes[0], ConfigurationError), outcomes
     assert "took over the final step" in str(outcomes[0])
     assert not isinstance(outcomes[1], BaseException) and outcomes[1].swapped, outcomes
-    view = encrypted_view(table, envelope, ["s"])
-    with engine.connect() as conn:
-        assert conn.execute(sa.select(view.c.s).where(view.c.id == 2)).scalar_one() == "secret 2 é"
+    assert_converted(engine, envelope, table)
