@@ -92,6 +92,11 @@ def read(engine: sa.Engine, table: sa.Table) -> list[tuple[Any, ...]]:
         return [tuple(r) for r in conn.execute(sa.select(table).order_by(table.c.id))]
 
 
+def columns(bind: Any) -> set[str]:
+    """The column names of ``records`` as the database has them now."""
+    return {c["name"] for c in sa.inspect(bind).get_columns("records")}
+
+
 def encrypted_view(table: sa.Table, envelope: Envelope, columns: list[str]) -> sa.Table:
     return sa.Table(
         table.name,
@@ -213,9 +218,9 @@ def test_encrypt_column_resumes_after_an_interruption(
         decrypt_column(
             envelope, engine, "records", "s", sa.String(40), batch_size=50, progress=stop
         )
-    assert "s__envelope_plain" in {c["name"] for c in sa.inspect(engine).get_columns("records")}
+    assert "s__envelope_plain" in columns(engine)
     assert encrypt_column(envelope, engine, "records", "s", Encrypted(sa.String(40))).already_done
-    assert "s__envelope_plain" not in {c["name"] for c in sa.inspect(engine).get_columns("records")}
+    assert "s__envelope_plain" not in columns(engine)
     view = encrypted_view(table, envelope, ["s"])
     assert read(engine, view) == before
     with engine.begin() as conn:  # its trigger went with it: updates of the column still work
@@ -370,9 +375,7 @@ def test_an_unfinished_conversion_can_be_abandoned(
     stop_after_a_batch(envelope, engine)
     assert abandon_conversion(engine, "records", "s") == ["s__envelope"]
     assert abandon_conversion(engine, "records", "s") == []
-    assert {c["name"] for c in sa.inspect(engine).get_columns("records")} == {
-        c.name for c in table.c
-    }
+    assert columns(engine) == {c.name for c in table.c}
     with engine.begin() as conn:  # no trigger left behind: updates of the column work
         assert not trigger.exists(conn, "records", None, "s__envelope")
         conn.execute(table.update().where(table.c.id == 1).values(s="updated"))
@@ -464,7 +467,7 @@ def test_a_failing_trigger_takes_its_shadow_back_at_once(
     with pytest.raises(sa.exc.OperationalError):
         encrypt_column(envelope, engine, "records", "s", Encrypted(sa.String(40)))
     assert attempts == ["install"]
-    assert "s__envelope" not in {c["name"] for c in sa.inspect(engine).get_columns("records")}
+    assert "s__envelope" not in columns(engine)
     assert read(engine, table) == before
 
 
@@ -548,8 +551,7 @@ def test_without_the_trigger_privilege_mysql_stops_before_converting(
         with admin.begin() as conn:
             for host in ("%", "localhost", "127.0.0.1"):
                 conn.execute(sa.text(f"DROP USER '{user}'@'{host}'"))
-    names = {c["name"] for c in sa.inspect(admin).get_columns("records")}
-    assert "s__envelope" not in names  # the shadow it had added is gone again
+    assert "s__envelope" not in columns(admin)  # the shadow it had added is gone again
     assert read(admin, table) == before
 
 
@@ -674,9 +676,7 @@ def test_sigkill_at_random_points_then_rerun(
     )
     assert read(engine, encrypted_view(table, envelope, ["s", "j", "n"])) == before
     assert verify(envelope, "records", columns=["s", "j", "n"]).ok
-    assert {c["name"] for c in sa.inspect(engine).get_columns("records")} == {
-        c.name for c in table.columns
-    }
+    assert columns(engine) == {c.name for c in table.columns}
 
 
 def test_a_failing_batch_names_no_value(
