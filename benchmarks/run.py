@@ -81,6 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--migration-rows", type=int, default=1_000_000, help="rows for the throughput run"
     )
     p.add_argument(
+        "--migration-rounds",
+        type=int,
+        default=3,
+        help="rounds of the throughput run, each job paired with its round's UPDATE (default 3)",
+    )
+    p.add_argument(
         "--rss-rows",
         default="100000,1000000",
         help="comma-separated table sizes at which to measure peak RSS (default 100000,1000000)",
@@ -97,9 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.smoke:
         args.rows, args.repeat, args.lookups, args.economy_rows = 200, 1, 20, 200
-        args.migration_rows, args.rss_rows = 2_000, "1000,2000"
-    if args.rows < 1 or args.repeat < 1 or args.lookups < 1:
-        p.error("--rows, --repeat and --lookups must be positive")
+        args.migration_rows, args.rss_rows, args.migration_rounds = 2_000, "1000,2000", 1
+    if min(args.rows, args.repeat, args.lookups, args.migration_rounds) < 1:
+        p.error("--rows, --repeat, --lookups and --migration-rounds must be positive")
     return args
 
 
@@ -217,7 +223,12 @@ def _migration(args: argparse.Namespace, pg_url: str | None, log: Any) -> dict[s
 
     rss_rows = [int(n) for n in args.rss_rows.split(",") if n.strip()]
     return migration.run(
-        pg_url, rows=args.migration_rows, rss_rows=rss_rows, batch_size=args.batch_size, log=log
+        pg_url,
+        rows=args.migration_rows,
+        rss_rows=rss_rows,
+        batch_size=args.batch_size,
+        rounds=args.migration_rounds,
+        log=log,
     )
 
 
