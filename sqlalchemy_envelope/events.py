@@ -1,10 +1,11 @@
 """The two engine events the library installs, once, for every engine.
 
-* ``handle_error``: when a bind processor raises (a KMS outage during a flush,
-  a value of the wrong type), SQLAlchemy builds a ``StatementError`` whose text
-  and ``params`` hold the statement's parameters before encryption, that is in
-  plaintext. For errors of ours, the caller gets our own exception instead
-  (a copy, chained from the original), and the ``StatementError`` is dropped.
+* ``handle_error``: when a statement fails before it runs (a KMS outage during
+  a flush, a value of the wrong type, in our column or in any other),
+  SQLAlchemy builds a ``StatementError`` whose text and ``params`` hold the
+  statement's parameters before encryption, that is in plaintext: they are
+  hidden. For errors of ours, the caller gets our own exception instead (a
+  copy, chained from the original), and the ``StatementError`` is dropped.
 * ``begin``, on SQLite only: SQLite has one writer at a time, so once an
   application transaction has written, the keyring's own connection could not
   create a new scope's first key until it ends. When a transaction begins (before
@@ -68,29 +69,18 @@ def _prepare_sqlite_scopes(conn: Any) -> None:
 
 def _redact_parameters(context: ExceptionContext) -> BaseException | None:
     original = context.original_exception
-    if not isinstance(original, EnvelopeError):
-        # Anything else raised inside our processors (a RecursionError from a too
-        # deeply nested JSON value, a keyring query that failed) keeps its type,
-        # but not the plaintext parameters.
-        if _raised_in_this_package(original) and isinstance(
-            context.sqlalchemy_exception, sa.exc.StatementError
-        ):
-            context.sqlalchemy_exception.params = None
-            context.sqlalchemy_exception.hide_parameters = True
-        return None
-    if isinstance(context.sqlalchemy_exception, sa.exc.StatementError):
-        context.sqlalchemy_exception.params = None
-        context.sqlalchemy_exception.hide_parameters = True
-    return copy.copy(original)
-
-
-def _raised_in_this_package(exc: BaseException) -> bool:
-    tb = exc.__traceback__
-    while tb is not None:
-        if str(tb.tb_frame.f_globals.get("__name__", "")).startswith(__package__ + "."):
-            return True
-        tb = tb.tb_next
-    return False
+    statement_error = context.sqlalchemy_exception
+    # Before the statement runs (no execution context yet), its parameters are
+    # the caller's values, not yet encrypted: whatever failed (our processor, a
+    # RecursionError from a too deeply nested JSON value, a keyring query,
+    # another column's processor, a missing parameter), they are hidden. Once
+    # it has run, they are processed: ciphertext for encrypted columns.
+    if isinstance(statement_error, sa.exc.StatementError) and (
+        isinstance(original, EnvelopeError) or context.execution_context is None
+    ):
+        statement_error.params = None
+        statement_error.hide_parameters = True
+    return copy.copy(original) if isinstance(original, EnvelopeError) else None
 
 
 def _prefetch_for_async(

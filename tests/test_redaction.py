@@ -431,3 +431,28 @@ def test_exceptions_pickle_without_secrets(setup: Setup) -> None:
 def test_envelope_without_configuration_repr() -> None:
     envelope = Envelope()
     assert "Envelope(" in repr(envelope)
+
+
+class _Refusing(sa.types.TypeDecorator[str]):
+    """A plaintext column type of the application's whose bind processor fails."""
+
+    impl = sa.String
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: sa.Dialect) -> Any:
+        raise ValueError("refused")
+
+
+@pytest.mark.parametrize("failure", ["another column's processor", "a missing parameter"])
+def test_errors_before_execution_hide_the_parameters(setup: Setup, failure: str) -> None:
+    """Not only our own errors: any failure before the statement runs shows its raw values."""
+    t = setup.app.Patient.__table__
+    with pytest.raises(sa.exc.StatementError) as info, setup.engine.begin() as conn:
+        if failure == "a missing parameter":
+            conn.execute(t.insert(), [planted_rows(1)[0], {"id": 20, "email": "x@x.org"}])
+        else:
+            refusing = sa.bindparam("refusing", 2, type_=_Refusing())
+            conn.execute(t.update().where(t.c.id == refusing).values(name=PLANTED["name"]))
+    assert info.value.params is None
+    check_exception(info.value, setup.secrets())
+    assert patient_ids(setup) == [1]
