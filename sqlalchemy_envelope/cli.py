@@ -396,14 +396,16 @@ def keys_rewrap(ctx: click.Context, to: KmsSpec) -> None:
 @click.pass_context
 def keys_destroy(ctx: click.Context, key_id: int, force: bool) -> None:
     """Crypto-shred data key ID. Refuses while values use it, unless --force."""
-    from .lifecycle import usage
+    from .lifecycle import declared_schemas, usage
 
     envelope = _settings(ctx).envelope(need_kms=False)
     entry = next((k for k in envelope.keys(scope=None) if k.id == key_id), None)
     if entry is not None and entry.state == "destroyed":
         click.echo(f"data key {key_id} of scope {entry.scope!r} was already destroyed")
         return
-    lost = usage(envelope.engine, key_id) if force and entry is not None else {}
+    lost = {}
+    if force and entry is not None:
+        lost = usage(envelope.engine, key_id, declared_schemas(envelope))
     try:
         envelope.destroy(key_id, force=force)
     except KeyInUseError as exc:

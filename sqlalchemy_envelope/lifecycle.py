@@ -109,7 +109,7 @@ def destroy(envelope: Envelope, key_id: int, *, force: bool = False) -> None:
         log.info("data key %d of scope %r was already destroyed", key_id, row.scope)
         return
     if not force:
-        users = usage(keyring.data_engine, key_id)
+        users = usage(keyring.data_engine, key_id, declared_schemas(envelope))
         if users:
             where = ", ".join(f"{t}.{c} ({n})" for (t, c), n in sorted(users.items()))
             raise KeyInUseError(
@@ -121,29 +121,54 @@ def destroy(envelope: Envelope, key_id: int, *, force: bool = False) -> None:
     log.info("destroyed data key %d of scope %r (forced=%s)", key_id, row.scope, force)
 
 
-def usage(engine: sa.engine.Engine, key_id: int) -> dict[tuple[str, str], int]:
-    """How many values in each binary column of the database carry ``key_id`` in their header."""
+def declared_schemas(envelope: Envelope) -> set[str]:
+    """The schemas of the tables in the envelope's MetaData (None, the default, aside)."""
+    tables = envelope.metadata.tables.values() if envelope.metadata is not None else ()
+    return {t.schema for t in tables if t.schema is not None}
+
+
+def usage(
+    engine: sa.engine.Engine, key_id: int, schemas: set[str] | frozenset[str] = frozenset()
+) -> dict[tuple[str, str], int]:
+    """How many values in each binary column carry ``key_id`` in their header.
+
+    Looks in the default schema, in ``schemas`` and, on PostgreSQL, in every
+    schema of the database but the system's (on MySQL a schema is another
+    database, so only those named). Keys are ``(table, column)``, the table
+    qualified by its schema outside the default one.
+    """
     key_bytes = key_id.to_bytes(4, "big")
     counts: dict[tuple[str, str], int] = {}
     with engine.connect() as conn:
         inspector = sa.inspect(conn)
-        for table_name in inspector.get_table_names():
-            columns = [
-                c["name"]
-                for c in inspector.get_columns(table_name)
-                if isinstance(c["type"], (sa.LargeBinary, sa.types._Binary))
-            ]
-            if not columns:
-                continue
-            table = sa.table(table_name, *(sa.column(c, sa.LargeBinary) for c in columns))
-            for name in columns:
-                col = table.c[name]
-                n = conn.execute(
-                    sa.select(sa.func.count()).where(
-                        sa.func.substr(col, 1, 1) == bytes([wire.VERSION]),
-                        sa.func.substr(col, 3, 4) == key_bytes,
-                    )
-                ).scalar_one()
-                if n:
-                    counts[(table_name, name)] = n
+        found: set[str | None] = {None, *schemas}
+        if conn.dialect.name == "postgresql":
+            found |= {
+                s
+                for s in inspector.get_schema_names()
+                if not s.startswith("pg_") and s != "information_schema"
+            }
+        if inspector.default_schema_name in found:
+            found.discard(inspector.default_schema_name)  # the same as None
+        for schema in sorted(found, key=lambda s: s or ""):
+            for table_name in inspector.get_table_names(schema=schema):
+                columns = [
+                    c["name"]
+                    for c in inspector.get_columns(table_name, schema=schema)
+                    if isinstance(c["type"], (sa.LargeBinary, sa.types._Binary))
+                ]
+                table = sa.table(
+                    table_name, *(sa.column(c, sa.LargeBinary) for c in columns), schema=schema
+                )
+                for name in columns:
+                    col = table.c[name]
+                    n = conn.execute(
+                        sa.select(sa.func.count()).where(
+                            sa.func.substr(col, 1, 1) == bytes([wire.VERSION]),
+                            sa.func.substr(col, 3, 4) == key_bytes,
+                        )
+                    ).scalar_one()
+                    if n:
+                        where = table_name if schema is None else f"{schema}.{table_name}"
+                        counts[(where, name)] = n
     return counts

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -179,3 +180,75 @@ def test_cache_limits_are_checked_and_kept() -> None:
         cache.get_or_load(key, lambda key=key: loads.append(key) or str(key))  # type: ignore[misc]
     assert loads == [1, 2, 3, 2]  # 2 was the least recently used when 3 arrived
     assert "entries=2" in repr(cache)
+
+
+@pytest.fixture(params=["postgres", "mysql"])
+def other_schema(
+    request: pytest.FixtureRequest, make_engine: Callable[..., sa.Engine]
+) -> Iterator[tuple[sa.Engine, str]]:
+    """An engine on a fresh database, and a second schema (MySQL: database) beside it."""
+    postgres = request.param == "postgres"
+    engine = make_engine(request.getfixturevalue("pg_url" if postgres else "mysql_url"))
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    with engine.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{name}"' if postgres else f"CREATE DATABASE {name}"))
+    yield engine, name
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(f'DROP SCHEMA "{name}" CASCADE' if postgres else f"DROP DATABASE {name}")
+        )
+
+
+def _tenant_tables(
+    engine: sa.Engine, local_kms: LocalKms, schema: str, declared: bool
+) -> tuple[Envelope, list[sa.Table]]:
+    """Tables ``docs`` and ``files`` in ``schema``, holding a value each under scope "tenant"."""
+    envelope = Envelope(sa.MetaData())
+    metadata = envelope.metadata if declared else sa.MetaData()
+    tables = [
+        sa.Table(
+            name,
+            metadata if name == "docs" else sa.MetaData(),
+            sa.Column("id", sa.Integer, primary_key=True),
+            sa.Column("body", Encrypted(sa.Text, envelope, scope="tenant")),
+            schema=schema,
+        )
+        for name in ("docs", "files")
+    ]
+    envelope.table.create(engine)
+    envelope.configure(kms=local_kms, engine=engine)
+    for table in tables:
+        table.create(engine)
+        with engine.begin() as conn:
+            conn.execute(table.insert().values(id=1, body="tenant data"))
+    return envelope, tables
+
+
+def test_destroy_sees_values_in_other_schemas(
+    other_schema: tuple[sa.Engine, str], local_kms: LocalKms
+) -> None:
+    """A schema of the envelope's MetaData is searched whole, declared tables or not."""
+    engine, schema = other_schema
+    envelope, tables = _tenant_tables(engine, local_kms, schema, declared=True)
+    with pytest.raises(KeyInUseError) as info:
+        envelope.destroy(envelope.keys("tenant")[0].id)
+    assert f"in {schema}.docs.body (1), {schema}.files.body (1);" in str(info.value)
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(tables[1].c.body)).scalar_one() == "tenant data"
+
+
+def test_destroy_searches_every_postgres_schema(
+    pg_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    """On PostgreSQL, even a schema nothing declares (on MySQL, another database)."""
+    engine = make_engine(pg_url)
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    with engine.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        envelope, _ = _tenant_tables(engine, local_kms, schema, declared=False)
+        with pytest.raises(KeyInUseError, match=rf"in {schema}\.docs\.body \(1\), {schema}\."):
+            envelope.destroy(envelope.keys("tenant")[0].id)
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
