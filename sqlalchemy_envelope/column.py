@@ -269,7 +269,10 @@ class Encrypted(TypeDecorator[Any]):
         def process(value: Any) -> Any:
             if value is None:
                 return None
-            cipher = ciphers.get(value[:head_size])
+            try:
+                cipher = ciphers.get(value[:head_size])
+            except TypeError:  # not bytes at all (SQLite stores any type): for_reading refuses it
+                cipher = None
             if cipher is None or cipher.expires <= clock():
                 cipher = for_reading(value)
             else:

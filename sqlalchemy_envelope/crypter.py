@@ -95,9 +95,10 @@ class ColumnCrypter:
 
     def for_reading(self, value: bytes) -> Cipher:
         """The cipher that opens ``value``; DecryptionError if it is not one of ours."""
-        cipher = self.ciphers.get(value[: wire.HEADER_BYTES])
-        if cipher is not None and cipher.expires > clock():
-            return cipher
+        if type(value) is bytes:
+            cipher = self.ciphers.get(value[: wire.HEADER_BYTES])
+            if cipher is not None and cipher.expires > clock():
+                return cipher
         parsed = wire.parse_header(value)
         if parsed is None:
             raise DecryptionError(

@@ -112,10 +112,12 @@ def show_keyring(engine: sa.Engine, out: Out = print) -> None:
             )
 
 
-def describe_value(value: bytes | None) -> str:
+def describe_value(value: object) -> str:
     if value is None:
         return "NULL"
-    value = bytes(value)
+    value = wire.stored_bytes(value)
+    if value is None:
+        return "not binary (not an encrypted value)"
     parsed = wire.parse_header(value)
     if parsed is None:
         return f"{_hex(value)} (not an encrypted value)"

@@ -41,8 +41,22 @@ def header(algorithm: int, key_id: int) -> bytes:
     return _HEADER.pack(VERSION, algorithm, key_id)
 
 
-def parse_header(value: bytes) -> tuple[int, int] | None:
+def stored_bytes(value: object) -> bytes | None:
+    """A value read from a binary column, as bytes; None if it is not binary at all.
+
+    SQLite lets any column hold an integer, a real or text.
+    """
+    if type(value) is bytes:
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    return None
+
+
+def parse_header(value: object) -> tuple[int, int] | None:
     """``(algorithm, key_id)`` of a stored value, or None if it does not look like ours."""
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        return None
     if len(value) < HEADER_BYTES + SIV_BYTES:
         return None
     version, algorithm, key_id = _HEADER.unpack_from(value)
@@ -70,6 +84,6 @@ def subkey_info(algorithm: int, key_id: int, table: str, column: str) -> bytes:
     )
 
 
-def key_id_of(value: bytes) -> int | None:
+def key_id_of(value: object) -> int | None:
     parsed = parse_header(value)
     return None if parsed is None else parsed[1]

@@ -324,3 +324,27 @@ def test_move_between_schemas_of_one_keyring_is_not_detected(
         with engine.begin() as conn:
             for schema in tables:
                 conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+
+
+def test_values_of_other_types_are_rejected_on_sqlite(
+    sqlite_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    """SQLite stores whatever it is given: integers, reals and text in a BLOB column too."""
+    app = build()
+    engine = make_engine(sqlite_url)
+    app.Base.metadata.create_all(engine)
+    app.envelope.configure(kms=local_kms, engine=engine)
+    populate(app, engine)
+    db = Db(app, engine)
+    app.envelope.rotate("patients")
+    for value in (42, 10**12, 4.2, "Alice Tamperproof", "\x01\x01" + "x" * 40):
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE patients SET name = :v WHERE id = 1"), {"v": value})
+        assert_rejected(outcome(lambda: db.read("patients", "name")), repr(value))
+        for target in (app.Patient, "patients"):  # from the models, from the database alone
+            verified = app.envelope.verify(target)
+            assert verified.columns["name"].plaintext == 1, (value, verified)
+        assert app.envelope.reencrypt(app.Patient).plaintext == 1, value
+        with engine.connect() as conn:
+            stored = conn.execute(sa.text("SELECT name FROM patients WHERE id = 1")).scalar_one()
+        assert stored == value  # left as it was

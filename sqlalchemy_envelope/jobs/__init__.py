@@ -183,16 +183,15 @@ def verify(
             for i, (name, crypter) in enumerate(target.crypters.items(), offset):
                 counts = report.columns[name]
                 for row in rows:
-                    value = row[i]
-                    if value is None:
+                    if row[i] is None:
                         counts.null += 1
                         continue
-                    value = bytes(value)
-                    key_id = wire.key_id_of(value)
-                    cause = NOT_AUTHENTIC if key_id is None else failed.get(key_id)
-                    if key_id is None:
+                    value = wire.stored_bytes(row[i])  # None: not even binary (SQLite)
+                    key_id = None if value is None else wire.key_id_of(value)
+                    if value is None or key_id is None:
                         counts.plaintext += 1
                         continue
+                    cause = failed.get(key_id)
                     if cause is None:
                         try:
                             crypter.decrypt(value)
@@ -273,7 +272,10 @@ class _Rewriter:
             if value is None:
                 continue
             if type(value) is not bytes:
-                value = bytes(value)
+                value = wire.stored_bytes(value)
+                if value is None:  # not even binary (SQLite): not ours
+                    report.plaintext += 1
+                    continue
             head = value[:head_size]
             if head != last_head or open_ is None:
                 if head == active_head:

@@ -372,7 +372,7 @@ class Conversion:
             values = conn.execute(
                 sa.select(col).select_from(table).where(col.is_not(None)).limit(16)
             )
-            return all(wire.parse_header(bytes(v)) is not None for v in values.scalars())
+            return all(wire.parse_header(v) is not None for v in values.scalars())
 
     def _reflect(self, conn: Connection) -> sa.Table:
         with conn.begin():

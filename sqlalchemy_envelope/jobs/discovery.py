@@ -156,7 +156,7 @@ def _sample(conn: Connection, table: sa.Table, column: str) -> list[tuple[int, i
     """Parsed headers of a few stored values (None where a value is not ours)."""
     col = sa.column(column, sa.LargeBinary)
     stmt = sa.select(col).select_from(table).where(col.is_not(None)).limit(SAMPLE_SIZE)
-    return [wire.parse_header(bytes(v)) for v in conn.execute(stmt).scalars()]
+    return [wire.parse_header(v) for v in conn.execute(stmt).scalars()]
 
 
 def _looks_encrypted(heads: list[tuple[int, int] | None], key_scopes: dict[int, str]) -> bool:
