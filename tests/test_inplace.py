@@ -707,3 +707,32 @@ def test_batch_jobs_refuse_an_async_engine(tmp_path: Path, local_kms: LocalKms) 
     )
     with pytest.raises(ConfigurationError, match="synchronous"):
         reencrypt(envelope, "records")
+
+
+def test_string_keys_in_a_collation_python_does_not_share(
+    pg_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    """Keys sorted by an ICU collation ('a' < 'B' < 'c'), not by code point: none is skipped."""
+    engine = make_engine(pg_url)
+    envelope = envelope_on(engine, local_kms)
+    metadata = sa.MetaData()
+    people = sa.Table(
+        "people",
+        metadata,
+        sa.Column("key", sa.String(20, collation="en-US-x-icu"), primary_key=True),
+        sa.Column("name", sa.String(40)),
+    )
+    metadata.create_all(engine)
+    keys = [f"{c}{i:03d}" for i in range(60) for c in "aBcD"]
+    with engine.begin() as conn:
+        conn.execute(people.insert(), [{"key": k, "name": f"name of {k}"} for k in keys])
+    encrypt_column(envelope, engine, "people", "name", Encrypted(sa.String(40)), batch_size=50)
+    view = encrypted_view(people, envelope, ["name"])
+    with engine.connect() as conn:
+        assert dict(conn.execute(sa.select(view.c.key, view.c.name)).all()) == {
+            k: f"name of {k}" for k in keys
+        }
+    new = envelope.rotate("people")
+    report = envelope.reencrypt(view, batch_size=50)
+    assert (report.values_rewritten, report.values_changed) == (len(keys), 0)
+    assert verify(envelope, view).columns["name"].by_key == {new: len(keys)}

@@ -204,6 +204,16 @@ class Conversion:
                 n = len(pk)
                 write(c, [tuple(r[:n]) for r in rows], [r[n] for r in rows])
 
+            def convert_all(c: Connection, rows: list[sa.Row[Any]]) -> None:
+                # Under the swap's lock nothing else writes: every row read must be
+                # written, or the column would be dropped with values not copied.
+                n = len(pk)
+                if write(c, [tuple(r[:n]) for r in rows], [r[n] for r in rows]) != len(rows):
+                    raise RuntimeError(
+                        f"{where}: a row to convert was not written before the swap (a bug: "
+                        "please report it); nothing was swapped, the job can be run again"
+                    )
+
             total = count(conn, table, *todo)
             log.info("%s %s: %d rows to convert, into %s", self.verb, where, total, self.shadow)
             ticker = Ticker(self.verb, where, total)
@@ -225,7 +235,7 @@ class Conversion:
                 # Under the swap's table lock: no row locks, and one scan for the few rows left.
                 _refuse_null_keys(conn, table, pk)  # rows inserted meanwhile, too
                 pages = walk(
-                    conn, query, pk, convert, batch_size=batch_size,
+                    conn, query, pk, convert_all, batch_size=batch_size,
                     transactions=False, bounded=False,
                 )  # fmt: skip
                 return sum(pages)

@@ -74,6 +74,10 @@ class BatchWrite:
                 self.process = lambda values: list(map(one, values))
         key = self.pk[0]
         self.int_keys = isinstance(key.type, sa.Integer)  # packed too; others go as a list
+        # Integers and UUIDs sort in Python as in the database; strings sort by the
+        # column's collation, which Python cannot know (a range bounded by Python's
+        # min and max skipped keys): for them, an index probe per key instead.
+        self.ranged = isinstance(key.type, (sa.Integer, sa.Uuid))
         arrays = [_array("_env_keys", key_type, packed=self.int_keys)]
         names = [sa.column("_env_key", key.type)]
         if guard is not None:
@@ -84,12 +88,14 @@ class BatchWrite:
         v = sa.func.unnest(*arrays).table_valued(*names).render_derived(name="_env_v")
         # The batch's key bounds show the planner an index range: without them
         # it sees no cheaper plan for 1,000 keys than a hash join over the table.
-        stmt = table.update().where(
-            *where,
-            key >= sa.bindparam("_env_first", type_=key.type),
-            key <= sa.bindparam("_env_last", type_=key.type),
-            key == v.c._env_key,
-        )
+        if self.ranged:
+            bounds = [
+                key >= sa.bindparam("_env_first", type_=key.type),
+                key <= sa.bindparam("_env_last", type_=key.type),
+            ]
+        else:
+            bounds = [key == sa.any_(_array("_env_keys", key_type, packed=False))]
+        stmt = table.update().where(*where, *bounds, key == v.c._env_key)
         if guard is not None:
             stmt = stmt.where(guard == v.c._env_old)
         self.whole = stmt.values({column: v.c._env_new})
@@ -130,14 +136,14 @@ class BatchWrite:
         ids = [k[0] for k in keys]
         if self.process is not None:
             news = self.process(news)
-        params = {
+        params: dict[str, Any] = {
             "_env_keys": pg_arrays.Int8Array.of(ids) if self.int_keys else ids,
-            # Not ids[0] and ids[-1]: a key changed while the read waited for its
-            # row lock comes back in its old place.
-            "_env_first": min(ids),
-            "_env_last": max(ids),
             "_env_news": pg_arrays.ByteaArray.of(news),
         }
+        if self.ranged:
+            # Not ids[0] and ids[-1]: a key changed while the read waited for its
+            # row lock comes back in its old place.
+            params["_env_first"], params["_env_last"] = min(ids), max(ids)
         if olds is not None:
             params["_env_olds"] = pg_arrays.ByteaArray.of(olds)
         return int(conn.execute(self.whole, params).rowcount)
