@@ -20,7 +20,14 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from sqlalchemy_envelope import ConfigurationError, Encrypted, Envelope, LocalKms, wire
+from sqlalchemy_envelope import (
+    ConfigurationError,
+    DecryptionError,
+    Encrypted,
+    Envelope,
+    LocalKms,
+    wire,
+)
 from sqlalchemy_envelope.jobs import (
     abandon_conversion,
     decrypt_column,
@@ -736,3 +743,42 @@ def test_string_keys_in_a_collation_python_does_not_share(
     report = envelope.reencrypt(view, batch_size=50)
     assert (report.values_rewritten, report.values_changed) == (len(keys), 0)
     assert verify(envelope, view).columns["name"].by_key == {new: len(keys)}
+
+
+def test_whether_a_binary_column_is_encrypted_is_decided_by_authentic_values(
+    any_db_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    """Bytes that look like ours, or plaintext written around the library, decide nothing."""
+    engine = make_engine(any_db_url)
+    envelope = envelope_on(engine, local_kms)
+    metadata = sa.MetaData()
+    files = sa.Table(
+        "files",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("body", sa.LargeBinary),
+    )
+    metadata.create_all(engine)
+    lookalike = wire.header(wire.RANDOMIZED, 1) + os.urandom(40)  # an upload, not ours
+    bodies = {i: lookalike if i <= 20 else f"upload {i}".encode() for i in range(1, 61)}
+    with engine.begin() as conn:
+        conn.execute(files.insert(), [{"id": i, "body": b} for i, b in bodies.items()])
+
+    target = Encrypted(sa.LargeBinary())
+    first = encrypt_column(envelope, engine, "files", "body", target, batch_size=25)
+    assert (first.rows, first.already_done) == (60, False)  # not taken for ciphertext
+    view = encrypted_view(files, envelope, ["body"])
+    with engine.connect() as conn:
+        assert dict(conn.execute(sa.select(view.c.id, view.c.body)).all()) == bodies
+
+    # Old code writes plaintext bytes after the swap, into the first rows.
+    with engine.begin() as conn:
+        conn.execute(files.update().where(files.c.id <= 20).values(body=b"written around"))
+    assert encrypt_column(envelope, engine, "files", "body", target).already_done
+    with engine.connect() as conn:  # nothing encrypted twice
+        for i, body in conn.execute(sa.select(view.c.id, view.c.body).where(view.c.id > 20)):
+            assert body == bodies[i]
+    # Nor may the way back report "done" while the column holds ciphertext.
+    with pytest.raises(DecryptionError):
+        decrypt_column(envelope, engine, "files", "body", sa.LargeBinary())
+    abandon_conversion(engine, "files", "body")

@@ -36,7 +36,8 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.schema import CreateColumn
 
 from .. import wire
-from ..errors import ConfigurationError
+from ..column import Encrypted
+from ..errors import ConfigurationError, DecryptionError, KeyDestroyedError, KeyNotFoundError
 from . import trigger
 from .batches import (
     Key,
@@ -374,15 +375,36 @@ class Conversion:
         return self._state(conn) if state is None else state
 
     def _holds_ciphertext(self, conn: Connection, reflected: Any) -> bool:
+        """Whether the column holds this column's ciphertext (an empty binary column does).
+
+        Decided by values that authenticate, not by a sample that looks right:
+        a value written around the library (plaintext after a swap, by old
+        code) must not make a finished conversion run again over ciphertext,
+        nor uploaded bytes that begin like a header make it skip plaintext.
+        """
         if not isinstance(reflected, sa.types._Binary):
             return False
         col = sa.column(self.column, sa.LargeBinary)
         table = sa.table(self.table, col, schema=self.schema)
+        looks_ours = sa.func.substr(col, 1, 1) == bytes([wire.VERSION])
         with conn.begin():
-            values = conn.execute(
-                sa.select(col).select_from(table).where(col.is_not(None)).limit(16)
-            )
-            return all(wire.parse_header(v) is not None for v in values.scalars())
+            candidates = conn.execute(sa.select(col).select_from(table).where(looks_ours).limit(16))
+            values = [v for v in candidates.scalars() if wire.parse_header(v) is not None]
+            if not values:
+                any_value = sa.select(col).select_from(table).where(col.is_not(None)).limit(1)
+                return conn.execute(any_value).first() is None
+        encrypted = self.write if self.encrypting else self.read
+        assert isinstance(encrypted, Encrypted)
+        crypter = encrypted.crypter()
+        for value in values:  # outside the transaction: keys may be loaded
+            try:
+                crypter.decrypt(bytes(value))
+            except KeyDestroyedError:
+                return True  # shredded, yet the keyring knows it: ours
+            except (DecryptionError, KeyNotFoundError):
+                continue
+            return True
+        return False
 
     def _reflect(self, conn: Connection) -> sa.Table:
         with conn.begin():
