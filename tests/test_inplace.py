@@ -782,3 +782,67 @@ def test_whether_a_binary_column_is_encrypted_is_decided_by_authentic_values(
     with pytest.raises(DecryptionError):
         decrypt_column(envelope, engine, "files", "body", sa.LargeBinary())
     abandon_conversion(engine, "files", "body")
+
+
+def test_the_sqlite_rebuild_keeps_what_refers_to_the_table(
+    sqlite_url: str,
+    make_engine: Callable[..., sa.Engine],
+    local_kms: LocalKms,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Children (foreign keys enforced), triggers, views, CHECKs and AUTOINCREMENT survive."""
+    engine = make_engine(sqlite_url)
+
+    @event.listens_for(engine, "connect")
+    def enforce(dbapi_connection: Any, _: Any) -> None:
+        dbapi_connection.execute("PRAGMA foreign_keys = ON")
+
+    envelope = envelope_on(engine, local_kms)
+    with engine.begin() as conn:
+        for sql in (
+            "CREATE TABLE accounts (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+            "balance INT CHECK (balance >= 0), ssn VARCHAR(11) NOT NULL CHECK (length(ssn) = 11))",
+            "CREATE TABLE payments (id INTEGER PRIMARY KEY, "
+            "account_id INT REFERENCES accounts (id) ON DELETE CASCADE)",
+            "CREATE TABLE notes (id INTEGER PRIMARY KEY, "
+            "account_id INT REFERENCES accounts (id) ON DELETE SET NULL)",
+            "CREATE TABLE audit (account_id INT, balance INT)",
+            "CREATE TRIGGER accounts_audit AFTER UPDATE OF balance ON accounts "
+            "BEGIN INSERT INTO audit VALUES (new.id, new.balance); END",
+            "CREATE VIEW rich AS SELECT id FROM accounts WHERE balance > 100",
+        ):
+            conn.exec_driver_sql(sql)
+        for i in range(1, 6):
+            conn.exec_driver_sql(f"INSERT INTO accounts VALUES ({i}, {i * 100}, '000-00-000{i}')")
+            conn.exec_driver_sql(f"INSERT INTO payments VALUES ({i}, {i})")
+            conn.exec_driver_sql(f"INSERT INTO notes VALUES ({i}, {i})")
+        conn.exec_driver_sql("DELETE FROM payments WHERE account_id = 5")
+        conn.exec_driver_sql("DELETE FROM notes WHERE account_id = 5")
+        conn.exec_driver_sql("DELETE FROM accounts WHERE id = 5")  # AUTOINCREMENT never reuses 5
+
+    report = encrypt_column(envelope, engine, "accounts", "ssn", Encrypted(sa.String(11)))
+    assert report.swapped
+    assert "CHECK constraint (length(ssn) = 11) describes the old values" in caplog.text
+
+    with engine.begin() as conn:
+        q = conn.exec_driver_sql
+        assert q("SELECT count(*) FROM payments WHERE account_id IS NOT NULL").scalar() == 4
+        assert q("SELECT count(*) FROM notes WHERE account_id IS NOT NULL").scalar() == 4
+        assert q("SELECT id FROM rich ORDER BY id").scalars().all() == [2, 3, 4]
+        q("UPDATE accounts SET balance = 7 WHERE id = 1")
+        assert q("SELECT * FROM audit").all() == [(1, 7)]
+        with pytest.raises(sa.exc.IntegrityError), conn.begin_nested():
+            q("UPDATE accounts SET balance = -5 WHERE id = 1")
+        with pytest.raises(sa.exc.IntegrityError), conn.begin_nested():
+            q("INSERT INTO payments VALUES (9, 42)")  # foreign keys are enforced again
+        q("INSERT INTO accounts (balance, ssn) VALUES (1, x'00')")
+        assert q("SELECT max(id) FROM accounts").scalar() == 6
+        assert q("PRAGMA foreign_keys").scalar() == 1
+    view = sa.Table(
+        "accounts", sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("ssn", Encrypted(sa.String(11), envelope)),
+    )  # fmt: skip
+    with engine.connect() as conn:
+        got = conn.execute(sa.select(view.c.id, view.c.ssn).where(view.c.id < 5)).all()
+    assert got == [(i, f"000-00-000{i}") for i in range(1, 5)]

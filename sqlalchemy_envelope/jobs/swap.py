@@ -6,7 +6,7 @@ new one, never a table without either:
 * PostgreSQL: one transaction (DDL is transactional) that first locks the
   table, so no write slips in between the last fill and the drop.
 * SQLite: one transaction holding the database's write lock; the table is
-  rebuilt with Alembic's batch mode (SQLite cannot add NOT NULL in place).
+  rebuilt (SQLite cannot add NOT NULL in place), see :mod:`~.sqlite_rebuild`.
 * MySQL/MariaDB: ``LOCK TABLES ... WRITE`` for the last fill, then one
   ``ALTER TABLE`` that drops the column, renames the shadow and re-creates
   the indexes together (a single DDL statement is atomic there).
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +34,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.schema import CreateColumn
 
 from ..errors import ConfigurationError
-from . import trigger
+from . import sqlite_rebuild, trigger
 from .batches import sqlite_write_lock
 from .locks import briefly_locking
 
@@ -117,11 +118,23 @@ def swap(
             for index in indexes:
                 conn.exec_driver_sql(_create_index(q, qt, index, constraints=True))
         else:
-            _sqlite_rebuild(conn, table, schema, column, shadow, new_type, nullable, indexes)
+            for index in indexes:  # batch mode cannot carry them across a drop-and-rename
+                if not index.constraint:
+                    conn.exec_driver_sql(f"DROP INDEX {q.quote(index.name)}")
+            sqlite_rebuild.rebuild(
+                conn, table, schema, column, shadow, nullable, check_foreign_keys=enforced
+            )
+            for index in indexes:  # SQLite enforces a unique index exactly as a UNIQUE constraint
+                conn.exec_driver_sql(_create_index(q, qt, index, constraints=False))
         return nullable, indexes
 
     what = f"{table}.{column}: swap"
-    nullable, indexes = briefly_locking(conn, what, step, lock=lock, between=between_tries)
+    with (
+        sqlite_rebuild.foreign_keys_off(conn)
+        if dialect == "sqlite"
+        else nullcontext(False) as enforced
+    ):
+        nullable, indexes = briefly_locking(conn, what, step, lock=lock, between=between_tries)
     log.info(
         "swapped %s.%s for its converted copy (nullable=%s, %d indexes)",
         table,
@@ -181,6 +194,12 @@ def _schema(
             continue
         if column in names:
             indexes[name] = Index(name, tuple(str(n) for n in names), bool(ix["unique"]), False)
+    for check in insp.get_check_constraints(table, schema):
+        if sqlite_rebuild.mentions(check["sqltext"], column):
+            log.warning(
+                "%s.%s: CHECK constraint %s describes the old values; dropped",
+                table, column, check["name"] or f"({check['sqltext']})",
+            )  # fmt: skip
     for fk in insp.get_foreign_keys(table, schema):
         if column in fk["constrained_columns"]:
             log.warning(
@@ -211,31 +230,3 @@ def _create_index(q: Any, qt: str, index: Index, *, constraints: bool) -> str:
         return f"ALTER TABLE {qt} ADD CONSTRAINT {q.quote(index.name)} UNIQUE ({cols})"
     unique = "UNIQUE " if index.unique else ""
     return f"CREATE {unique}INDEX {q.quote(index.name)} ON {qt} ({cols})"
-
-
-def _sqlite_rebuild(
-    conn: Connection,
-    table: str,
-    schema: str | None,
-    column: str,
-    shadow: str,
-    new_type: sa.types.TypeEngine[Any],
-    nullable: bool,
-    indexes: list[Index],
-) -> None:
-    from alembic.operations import Operations
-    from alembic.runtime.migration import MigrationContext
-
-    q = conn.dialect.identifier_preparer
-    # A rebuild killed before this transaction began may have left Alembic's copy behind.
-    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {q.quote('_alembic_tmp_' + table)}")
-    for index in indexes:  # batch mode cannot carry them across a drop-and-rename
-        if not index.constraint:
-            conn.exec_driver_sql(f"DROP INDEX {q.quote(index.name)}")
-    ops = Operations(MigrationContext.configure(conn))
-    with ops.batch_alter_table(table, schema=schema, recreate="always") as batch:
-        batch.drop_column(column)
-        batch.alter_column(shadow, new_column_name=column, nullable=nullable)
-    qt = q.format_table(sa.table(table, schema=schema))
-    for index in indexes:  # SQLite enforces a unique index exactly as a UNIQUE constraint
-        conn.exec_driver_sql(_create_index(q, qt, index, constraints=False))
