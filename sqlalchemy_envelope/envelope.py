@@ -13,7 +13,7 @@ from sqlalchemy.engine import Engine
 from . import events, lifecycle
 from .cache import Stats
 from .errors import ConfigurationError
-from .keyring import Keyring, keyring_table, sync_engine
+from .keyring import Keyring, in_memory, keyring_table, sync_engine
 from .keys import KeyManager
 from .kms.base import KeyProvider
 
@@ -113,7 +113,10 @@ class Envelope:
                     kms,
                     ttl=self.cache_ttl,
                     capacity=self.cache_capacity,
-                    refresh=self.keyring_refresh,
+                    # Nothing outside this process can rotate an in-memory database's keys.
+                    refresh=float("inf")
+                    if in_memory(self._keyring.data_engine)
+                    else self.keyring_refresh,
                     stats=self.stats,
                     known_scopes=lambda: set(self.columns.values()),
                 )

@@ -32,7 +32,7 @@ from sqlalchemy.engine import Engine, ExceptionContext
 
 from . import _runtime
 from .errors import EnvelopeError
-from .keyring import in_keyring_io
+from .keyring import beginning, in_keyring_io
 
 _installed = False
 _lock = threading.Lock()
@@ -63,7 +63,7 @@ def _prepare_sqlite_scopes(conn: Any) -> None:
     for manager in list(_sqlite_managers):
         if manager.keyring.data_engine is conn.engine:
             # No keyring table yet (create_all is running): the next transaction retries.
-            with contextlib.suppress(sa.exc.OperationalError):
+            with contextlib.suppress(sa.exc.OperationalError), beginning(conn):
                 manager.prepare_scopes()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from . import _runtime
+from .errors import ConfigurationError
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -92,6 +94,11 @@ def sync_engine(engine: Any) -> Engine:
     return inner
 
 
+def in_memory(engine: Engine) -> bool:
+    """Whether ``engine`` is an in-memory SQLite database (private to this process)."""
+    return engine.dialect.name == "sqlite" and engine.url.database in (None, "", ":memory:")
+
+
 def _own_pool(engine: Engine) -> Engine:
     """The application's engine with a connection pool of the keyring's own.
 
@@ -100,11 +107,13 @@ def _own_pool(engine: Engine) -> Engine:
     loader could never get one. A separate pool (opened on demand, usually one
     connection, closed when the application's engine is disposed) cannot be
     exhausted by the application. An in-memory SQLite database lives in its one
-    connection, so it is shared.
+    connection, and a ``StaticPool`` or ``SingletonThreadPool`` has one per
+    process or thread: there, the keyring shares it (see :func:`_track`).
     """
-    if isinstance(engine.pool, (sa.pool.StaticPool, sa.pool.SingletonThreadPool)) or (
-        engine.dialect.name == "sqlite" and engine.url.database in (None, "", ":memory:")
+    if isinstance(engine.pool, (sa.pool.StaticPool, sa.pool.SingletonThreadPool)) or in_memory(
+        engine
     ):
+        _track(engine)
         return engine
     return Engine(
         engine.pool.recreate(),
@@ -113,6 +122,48 @@ def _own_pool(engine: Engine) -> Engine:
         logging_name="sqlalchemy_envelope.keyring",
         hide_parameters=True,
     )
+
+
+#: The application's connections inside a transaction, per engine whose one
+#: connection the keyring shares.
+_open: weakref.WeakKeyDictionary[Engine, set[int]] = weakref.WeakKeyDictionary()
+
+
+def _track(engine: Engine) -> None:
+    """Follow which application transactions are open on ``engine``.
+
+    On a connection it shares, the keyring's I/O would end the application's
+    transaction: a read's connection rolls it back when it returns to the pool,
+    a new key's commit commits it. So the keyring refuses to touch it then.
+    """
+    if engine in _open:
+        return
+    _open[engine] = set()
+
+    def begin(conn: Connection) -> None:
+        if not in_keyring_io():
+            _open[conn.engine].add(id(conn))
+
+    def end(conn: Connection) -> None:
+        _open[conn.engine].discard(id(conn))
+
+    sa.event.listen(engine, "begin", begin)
+    sa.event.listen(engine, "commit", end)
+    sa.event.listen(engine, "rollback", end)
+
+
+@contextmanager
+def beginning(conn: Connection) -> Iterator[None]:
+    """While ``conn``'s transaction begins, before it did anything, the keyring may share it."""
+    open_ = _open.get(conn.engine)
+    if open_ is None or id(conn) not in open_:
+        yield
+        return
+    open_.discard(id(conn))
+    try:
+        yield
+    finally:
+        open_.add(id(conn))
 
 
 #: How often a rotation that lost a race re-reads the active key before giving up.
@@ -162,6 +213,14 @@ class Keyring:
     @contextmanager
     def connect(self) -> Iterator[Connection]:
         """A connection of the keyring's own (marked, so engine events can tell)."""
+        if _open.get(self.engine):
+            raise ConfigurationError(
+                "the keyring shares the application's one database connection (an in-memory "
+                "SQLite database, a StaticPool or a SingletonThreadPool) and cannot load or "
+                "create a key while a transaction is open on it without ending that "
+                "transaction; use a database file with the default pool, or let the keys "
+                "load before the transaction begins"
+            )
         _own_io.depth = getattr(_own_io, "depth", 0) + 1
         try:
             with self.engine.connect() as conn:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Annotated, Any
 
@@ -151,3 +152,56 @@ def test_sqlmodel_field_with_sa_type(tmp_path: Any) -> None:
     with SMSession(engine) as s:
         c = s.exec(sa.select(Customer).where(Customer.email == "c@x.org")).scalars().one()  # type: ignore[call-overload]
         assert c.phone == "+1 555"
+
+
+def _notes(envelope: Envelope) -> sa.Table:
+    return sa.Table(
+        "notes",
+        envelope.metadata if envelope.metadata is not None else sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("body", Encrypted(sa.String(50), envelope)),
+    )
+
+
+def _ids(conn: sa.Connection, table: sa.Table) -> list[int]:
+    return list(conn.execute(sa.select(table.c.id).order_by(table.c.id)).scalars())
+
+
+def test_an_in_memory_database_keeps_the_applications_transaction_whole() -> None:
+    """Its one connection is shared with the keyring: no keyring I/O may end a transaction."""
+    envelope = Envelope(sa.MetaData(), keyring_refresh=0.01)
+    notes = _notes(envelope)
+    engine = sa.create_engine("sqlite://")
+    notes.metadata.create_all(engine)
+    envelope.configure(kms=LocalKms(b"k" * 32), engine=engine)
+    with engine.connect() as conn:
+        with conn.begin():
+            conn.execute(notes.insert().values(id=1, body="one"))
+            time.sleep(0.05)  # keyring_refresh is over: nothing else can rotate, none is asked
+            conn.execute(notes.insert().values(id=2, body="two"))
+        with conn.begin() as transaction:
+            conn.execute(notes.insert().values(id=3, body="three"))
+            with pytest.raises(ConfigurationError, match="shares the application's one"):
+                envelope.rotate("notes")
+            transaction.rollback()
+        assert _ids(conn, notes) == [1, 2]
+        conn.rollback()
+        envelope.rotate("notes")  # between transactions, it may
+        conn.execute(notes.insert().values(id=3, body="three"))
+        conn.commit()
+        assert conn.execute(sa.select(notes.c.body).where(notes.c.id == 3)).scalar() == "three"
+
+
+def test_a_static_pool_refuses_keyring_io_inside_a_transaction(tmp_path: Any) -> None:
+    """A file database behind a StaticPool: rotations elsewhere are looked for, loudly."""
+    envelope = Envelope(sa.MetaData(), keyring_refresh=0.01)
+    notes = _notes(envelope)
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'static.db'}", poolclass=sa.StaticPool)
+    notes.metadata.create_all(engine)
+    envelope.configure(kms=LocalKms(b"k" * 32), engine=engine)
+    with engine.connect() as conn:
+        with pytest.raises(ConfigurationError, match="StaticPool"), conn.begin():
+            conn.execute(notes.insert().values(id=1, body="one"))
+            time.sleep(0.05)
+            conn.execute(notes.insert().values(id=2, body="two"))
+        assert _ids(conn, notes) == []  # rolled back whole, not half committed
