@@ -55,11 +55,16 @@ class EncryptedComparator(TypeDecorator.Comparator[Any]):
     __slots__ = ()
 
     def operate(self, op: Any, *other: Any, **kwargs: Any) -> ColumnElement[Any]:
+        other = tuple(_clause(o) for o in other)
         if op in _PASS:
             return super().operate(op, *other, **kwargs)
         type_: Encrypted = self.expr.type  # type: ignore[assignment]
         if op in (operators.eq, operators.ne) and other and other[0] is None:
             return super().operate(op, *other, **kwargs)  # renders IS [NOT] NULL
+        if op in (operators.eq, operators.ne) and other and _itself(self.expr, other[0]):
+            # Not a user's comparison: SQLAlchemy finding a column among others
+            # (a dict lookup calls ==, as the ORM's bulk UPDATE and RETURNING do).
+            return super().operate(op, *other, **kwargs)
         name = _name(self.expr)
         if not type_.deterministic:
             raise EncryptedComparisonError(
@@ -82,6 +87,21 @@ class EncryptedComparator(TypeDecorator.Comparator[Any]):
         raise EncryptedComparisonError(f"{_name(self.expr)} is encrypted and cannot be compared")
 
 
+def _clause(value: Any) -> Any:
+    """An ORM attribute (``Model.column``) as the column it stands for; anything else as is."""
+    element = getattr(value, "__clause_element__", None)
+    return element() if callable(element) else value
+
+
+def _itself(expr: Any, other: Any) -> bool:
+    """Whether ``other`` is the same column as ``expr`` (with or without ORM annotations)."""
+    if other is expr:
+        return True
+    if not isinstance(other, ColumnElement):
+        return False
+    return bool(other._deannotate() is expr._deannotate())
+
+
 def _plain_values(name: str, op: Any, other: Any) -> Sequence[Any]:
     values = other if op in (operators.in_op, operators.not_in_op) else [other]
     if isinstance(values, (ColumnElement, sa.sql.Select)) or not isinstance(
@@ -91,7 +111,7 @@ def _plain_values(name: str, op: Any, other: Any) -> Sequence[Any]:
             f"{name} can only be compared with Python values, not with SQL expressions "
             "(each column encrypts under its own sub-key)"
         )
-    values = list(values)
+    values = [_clause(v) for v in values]
     if any(isinstance(v, (ColumnElement, sa.sql.ClauseElement)) for v in values):
         raise EncryptedComparisonError(f"{name} can only be compared with Python values")
     return values

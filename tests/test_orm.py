@@ -99,5 +99,39 @@ def test_randomized_comparison_refused_at_build_time(app: tuple[App, sa.Engine])
             build_expr()
     with pytest.raises(EncryptedComparisonError, match=r"patients\.email"):
         _ = a.Patient.email.like("x%")
+    for other in (a.Patient.name, a.Patient.__table__.c.name, a.Doctor.plain):
+        with pytest.raises(EncryptedComparisonError, match=r"patients\.email"):
+            _ = a.Patient.email == other  # another column, ORM attribute or not
     # NULL tests work on both kinds.
     sa.select(a.Patient).where(a.Patient.ssn.is_(None), a.Patient.name.is_not(None))
+
+
+def test_orm_bulk_update_delete_and_returning(app: tuple[App, sa.Engine]) -> None:
+    """The ORM compares a column with itself to find it (dict lookups): that is no comparison."""
+    a, engine = app
+    P = a.Patient
+    with Session(engine) as s:
+        s.add(P(id=1, name="one", email="one@x.org"))
+        s.commit()
+    for sync in ("auto", "evaluate", "fetch", False):
+        with Session(engine) as s:
+            p = s.get(P, 1)
+            assert p is not None
+            s.execute(
+                sa.update(P).where(P.id == 1).values(name=f"name {sync}"),
+                execution_options={"synchronize_session": sync},
+            )
+            if sync is not False:
+                assert p.name == f"name {sync}"
+            s.execute(sa.update(P).where(P.email == "one@x.org").values(ssn=f"ssn {sync}"))
+            s.commit()
+            assert (p.name, p.ssn) == (f"name {sync}", f"ssn {sync}")
+    with Session(engine) as s:
+        [returned] = s.scalars(sa.update(P).where(P.id == 1).values(name="r").returning(P)).all()
+        assert returned.name == "r"
+        assert s.scalars(
+            sa.insert(P).returning(P.name), [{"id": 2, "name": "n2", "email": "e2"}]
+        ).all() == ["n2"]
+        s.execute(sa.delete(P).where(P.ssn.is_(None)))
+        s.commit()
+        assert s.scalars(sa.select(P.id).order_by(P.id)).all() == [1]
