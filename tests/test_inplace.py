@@ -613,6 +613,9 @@ def test_misuse(setup: tuple[Envelope, sa.Engine, sa.Table, list[tuple[Any, ...]
     assert [c["name"] for c in sa.inspect(engine).get_columns("loose")] == ["s"]  # nothing added
     with engine.connect() as conn:
         assert not trigger.exists(conn, "loose", None, "s__envelope")
+    with pytest.raises(ConfigurationError, match="primary key"):
+        encrypt_column(envelope, engine, "records", "id", Encrypted(sa.Integer()))
+    assert "id__envelope" not in columns(engine)
 
 
 # -- killed with SIGKILL at random moments, then finished -----------------------------------

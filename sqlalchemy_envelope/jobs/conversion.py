@@ -280,10 +280,18 @@ class Conversion:
             }
 
     def _check_keys(self, conn: Connection) -> None:
-        """The job pages by the primary key: refuse a table without one, or with NULLs in it."""
+        """The job pages by the primary key: refuse a table without one, with NULLs in it,
+        or a column of it (the key itself cannot be swapped for another column)."""
         table = self._reflect(conn)
+        pk = primary_key(table)
+        if any(c.name == self.column for c in pk):
+            raise ConfigurationError(
+                f"{self.table}.{self.column} is part of the table's primary key, which "
+                f"{self.verb} cannot convert (batch jobs find rows by it); encrypt another "
+                "column, and key the table by a surrogate key"
+            )
         with conn.begin():
-            _refuse_null_keys(conn, table, primary_key(table))
+            _refuse_null_keys(conn, table, pk)
 
     def _state(self, conn: Connection) -> str:
         columns = self._columns(conn)
