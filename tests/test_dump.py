@@ -122,3 +122,30 @@ def test_sqlite_file_holds_no_plaintext(
     check(raw, [master, *keys])
     for side in tmp_path.glob("backup.db-*"):  # journal or WAL, if any is left
         check(side.read_bytes(), [master, *keys])
+
+
+@pytest.mark.parametrize("rewrite", [False, True], ids=["as-swapped", "after-vacuum-full"])
+def test_a_converted_column_leaves_its_plaintext_in_the_table_file_until_rewritten(
+    pg_url: str, make_engine: Callable[..., sa.Engine], rewrite: bool
+) -> None:
+    """NOT protected: PostgreSQL's DROP COLUMN hides the old plaintext, the file keeps it."""
+    from sqlalchemy_envelope import Encrypted, Envelope
+    from sqlalchemy_envelope.jobs import encrypt_column
+
+    engine = make_engine(pg_url)
+    envelope = Envelope(sa.MetaData())
+    envelope.metadata.create_all(engine)  # type: ignore[union-attr]
+    envelope.configure(kms=LocalKms(os.urandom(32)), engine=engine)
+    secret = "PLANTED-CONVERTED-qz91"
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE people (id int PRIMARY KEY, ssn varchar(40))")
+        conn.exec_driver_sql(f"INSERT INTO people VALUES (1, '{secret}')")
+    encrypt_column(envelope, engine, "people", "ssn", Encrypted(sa.String(40)))
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        if rewrite:
+            conn.exec_driver_sql("VACUUM FULL people")
+        conn.exec_driver_sql("CHECKPOINT")
+        heap = conn.exec_driver_sql(
+            "SELECT pg_read_binary_file(pg_relation_filepath('people'))"
+        ).scalar_one()
+    assert (secret.encode() in bytes(heap)) is not rewrite

@@ -246,3 +246,35 @@ def test_restored_wrapped_key_revives_shredded_values(db: Db) -> None:
     edit_key(db, key_id, state="retired", wrapped_key=backup.wrapped_key)
     cold(db)
     assert db.read("patients", "ssn") == ALICE["ssn"]
+
+
+def test_a_retired_key_made_active_again_takes_the_writes(db: Db) -> None:
+    # NOT protected: which key of a scope is active is not authenticated. Someone who
+    # can write the keyring can make an older key of the scope active again (one that
+    # leaked, say), and new values go under it.
+    old, active = key_of(db, "patients", "ssn"), key_of(db, "patients", "name")
+    edit_key(db, active, state="retired", active_scope=None)
+    edit_key(db, old, state="active", active_scope="patients")
+    cold(db)
+    write_patient(db)
+    assert key_of(db, "patients", "name", 3) == old
+
+
+def test_an_old_wrapped_key_does_not_unwrap_after_a_rewrap_under_a_new_master(
+    db_url: str, make_engine: Callable[..., sa.Engine]
+) -> None:
+    # The remedy for the two above: move the keys to a new master key and retire the
+    # old one; a wrapped key restored from before the rewrap no longer unwraps.
+    app = build()
+    engine = make_engine(db_url)
+    app.Base.metadata.create_all(engine)
+    app.envelope.configure(kms=LocalKms(os.urandom(32)), engine=engine)
+    populate(app, engine)
+    db = Db(app, engine)
+    key_id = key_of(db, "patients", "ssn")
+    before = keyrow(db, key_id).wrapped_key
+    app.envelope.rewrap(LocalKms(os.urandom(32)))
+    edit_key(db, key_id, wrapped_key=before)
+    cold(db)
+    with pytest.raises(KmsError):
+        db.read("patients", "ssn")
