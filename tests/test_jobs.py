@@ -334,3 +334,48 @@ def test_reencrypt_pages_with_interleaved_keys(app: tuple[App, sa.Engine]) -> No
     assert report.values_rewritten == names[first] + names[second]
     assert key_ids(engine, "patients", ["name"]) == {third: N}
     assert snapshot(a, engine) == before
+
+
+def test_verify_counts_a_declared_column_not_converted_yet_as_plaintext(
+    any_db_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    """The models say Encrypted, the database still holds text: that is plaintext, not ok."""
+    engine = make_engine(any_db_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE people (id INT PRIMARY KEY, name VARCHAR(40))")
+        conn.exec_driver_sql("INSERT INTO people VALUES (1, 'one'), (2, NULL), (3, 'three')")
+    envelope = Envelope(sa.MetaData())
+    envelope.table.create(engine)
+    envelope.configure(kms=local_kms, engine=engine)
+    people = sa.Table(
+        "people",
+        envelope.metadata,  # type: ignore[arg-type]
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("name", Encrypted(sa.String(40), envelope)),
+    )
+    for target in (people, "people"):
+        report = verify(envelope, target)
+        assert (report.rows, report.columns["name"].plaintext, report.ok) == (3, 2, False)
+    with pytest.raises(ConfigurationError, match="still stored as plaintext; convert them"):
+        reencrypt(envelope, people)
+
+
+def test_a_table_with_no_encrypted_value_yet_is_fine(
+    db_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    """From the database alone, an empty table (or only NULLs) has nothing to verify or move."""
+    engine = make_engine(db_url)
+    envelope = Envelope(sa.MetaData())
+    envelope.table.create(engine)
+    envelope.configure(kms=local_kms, engine=engine)
+    with engine.begin() as conn:
+        binary = "BYTEA" if engine.dialect.name == "postgresql" else "BLOB"
+        conn.execute(sa.text(f"CREATE TABLE blobs (id INT PRIMARY KEY, body {binary})"))
+        conn.execute(sa.text("INSERT INTO blobs VALUES (1, NULL)"))
+    report = verify(envelope, "blobs")
+    assert (report.rows, report.ok, report.columns) == (1, True, {})
+    assert reencrypt(envelope, "blobs").values_rewritten == 0
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE blobs SET body = :b"), {"b": b"not ours at all, just bytes"})
+    with pytest.raises(ConfigurationError, match="--column NAME"):
+        verify(envelope, "blobs")

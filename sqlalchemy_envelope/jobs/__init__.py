@@ -117,8 +117,10 @@ def reencrypt(
     bind = bind if bind is not None else envelope.engine
     with connect(bind) as conn, lanes(bind) as more:
         target = resolve(envelope, conn, table_or_model, columns)
-        total = count(conn, target.table)
         report = ReencryptReport(target.name)
+        if not target.crypters:  # nothing encrypted yet
+            return report
+        total = count(conn, target.table)
         rewriter = _Rewriter(conn.dialect, target, report)
         query = sa.select(*target.pk, *target.columns)
         _log_start("reencrypt", target, total)
@@ -172,10 +174,15 @@ def verify(
     """
     batch_size = check_batch_size(batch_size)
     with connect(bind if bind is not None else envelope.engine) as conn:
-        target = resolve(envelope, conn, table_or_model, columns)
+        target = resolve(envelope, conn, table_or_model, columns, unconverted_ok=True)
         report = VerifyReport(
             target.name, columns={name: ColumnReport() for name in target.crypters}
         )
+        for name in target.unconverted:  # declared encrypted, still stored as plaintext
+            plain = sa.table(target.name, sa.column(name), schema=target.table.schema)
+            report.columns[name] = ColumnReport(
+                plaintext=count(conn, plain, plain.c[name].is_not(None))
+            )
         failed: dict[int, str] = {}  # key id -> cause, so a missing key costs one lookup
         offset = len(target.pk)
 

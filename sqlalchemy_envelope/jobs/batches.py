@@ -114,7 +114,7 @@ def in_range(
     return clauses
 
 
-def count(conn: Connection, table: sa.Table, *where: ColumnElement[bool]) -> int:
+def count(conn: Connection, table: sa.FromClause, *where: ColumnElement[bool]) -> int:
     with conn.begin():
         return int(
             conn.execute(sa.select(sa.func.count()).select_from(table).where(*where)).scalar_one()

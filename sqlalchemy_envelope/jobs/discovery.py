@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -42,6 +42,8 @@ class Target:
     table: sa.Table
     pk: list[sa.Column[Any]]
     crypters: dict[str, ColumnCrypter]
+    #: Columns declared ``Encrypted`` but still stored as plaintext (not converted yet).
+    unconverted: list[str] = field(default_factory=list)
 
     @property
     def columns(self) -> list[sa.Column[Any]]:
@@ -53,8 +55,15 @@ def resolve(
     conn: Connection,
     table_or_model: Any,
     columns: Sequence[str] | None = None,
+    *,
+    unconverted_ok: bool = False,
 ) -> Target:
-    """The encrypted columns of ``table_or_model``: a model class, a ``Table`` or a table name."""
+    """The encrypted columns of ``table_or_model``: a model class, a ``Table`` or a table name.
+
+    ``unconverted_ok``: a table whose declared encrypted columns are all still
+    plaintext is a target (with no crypters, see ``Target.unconverted``),
+    not an error.
+    """
     declared = _declared_table(table_or_model)
     if declared is None and isinstance(table_or_model, str) and envelope.metadata is not None:
         declared = envelope.metadata.tables.get(table_or_model)
@@ -72,11 +81,13 @@ def resolve(
     with conn.begin():
         reflected = sa.Table(name, sa.MetaData(), schema=schema, autoload_with=conn)
         types = _declared_types(declared)
+        unconverted: list[str] = []
         if columns is not None:
             wanted = list(dict.fromkeys(columns))
         else:
             declared_names = list(types) or [c for (t, c) in envelope.columns if t == name]
             wanted = [c for c in declared_names if _stored_encrypted(reflected, name, c)]
+            unconverted = [c for c in declared_names if c in reflected.c and c not in wanted]
         for column in wanted:
             if column not in reflected.c:
                 raise ConfigurationError(f"table {name!r} has no column {column!r}")
@@ -86,13 +97,25 @@ def resolve(
                 )
         samples = {c: _sample(conn, reflected, c) for c in wanted or _binary_columns(reflected)}
     key_scopes = {row.id: row.scope for row in envelope.keyring().rows()}
-    if not wanted:  # nothing declared: find the encrypted columns from their values
+    if not wanted and not (unconverted and unconverted_ok):
+        # Nothing declared (or nothing converted yet): find them from their values.
         wanted = [c for c, heads in samples.items() if _looks_encrypted(heads, key_scopes)]
-        if not wanted:
+        if unconverted:
             raise ConfigurationError(
-                f"found no encrypted columns in table {name!r}; name them with columns=[...]"
+                f"table {name!r}: {', '.join(unconverted)} declared encrypted but still stored "
+                "as plaintext; convert them with encrypt_column first"
             )
-        log.info("table %r: found encrypted columns %s from their values", name, ", ".join(wanted))
+        if not wanted and any(samples.values()):
+            raise ConfigurationError(
+                f"found no encrypted columns in table {name!r}; name them "
+                "(columns=[...] in Python, --column NAME on the command line)"
+            )
+        if wanted:
+            log.info(
+                "table %r: found encrypted columns %s from their values", name, ", ".join(wanted)
+            )
+        else:  # no binary value at all (an empty table): nothing encrypted to work on
+            log.info("table %r: no encrypted values yet", name)
     crypters = {}
     for column in wanted:
         scope, deterministic = _mode(name, column, types, envelope, samples[column], key_scopes)
@@ -111,7 +134,7 @@ def resolve(
         raise ConfigurationError(
             f"table {name!r}: an encrypted primary key cannot be paged through"
         )
-    return Target(name, raw, list(raw.primary_key.columns), crypters)
+    return Target(name, raw, list(raw.primary_key.columns), crypters, unconverted)
 
 
 def _declared_table(obj: Any) -> sa.Table | None:
