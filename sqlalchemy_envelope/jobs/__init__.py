@@ -252,16 +252,24 @@ class _Rewriter:
         # The Python half holds the lock (it holds the GIL anyway); the writes do not.
         offset, now = len(self.target.pk), clock()
         with self.lock:
-            todo = [
-                (write, *self._column(rows, i, name, now))
-                for i, (name, write) in enumerate(self.writes.items(), offset)
-            ]
-        for write, keys, olds, news in todo:
-            if keys:
-                written = write(conn, keys, news, olds)
-                with self.lock:
-                    self.report.values_rewritten += written
-                    self.report.values_changed += len(keys) - written
+            todo = [self._column(rows, i, name, now) for i, name in enumerate(self.writes, offset)]
+        for (name, write), (keys, olds, news) in zip(self.writes.items(), todo, strict=True):
+            if not keys:
+                continue
+            if self.target.crypters[name].deterministic:
+                written, duplicates = _unique_aware(conn, write, keys, news, olds)
+            else:
+                written, duplicates = write(conn, keys, news, olds), 0
+            with self.lock:
+                self.report.values_rewritten += written
+                self.report.duplicates += duplicates
+                self.report.values_changed += len(keys) - written - duplicates
+            if duplicates:
+                log.warning(
+                    "reencrypt %s.%s: %d values left under their old key: under the active "
+                    "key each equals another row's value, which a unique constraint refuses",
+                    self.target.name, name, duplicates,
+                )  # fmt: skip
 
     def _column(
         self, rows: list[sa.Row[Any]], i: int, name: str, now: float
@@ -321,6 +329,31 @@ class _Rewriter:
             pass
         self.report.unreadable += 1
         return None
+
+
+def _unique_aware(
+    conn: Connection, write: BatchWrite, keys: list[Key], news: list[bytes], olds: list[bytes]
+) -> tuple[int, int]:
+    """``(written, duplicates)``: a deterministic column's batch, row by row if it must be.
+
+    After a rotation, the application may have written a value equal to
+    another row's under the new key (a unique constraint sees two different
+    ciphertexts); moving the older one would break the constraint. Such rows
+    are left under their old key and counted, the rest of the batch goes on.
+    """
+    try:
+        with conn.begin_nested():
+            return write(conn, keys, news, olds), 0
+    except sa.exc.IntegrityError:
+        pass
+    written = duplicates = 0
+    for key, new, old in zip(keys, news, olds, strict=True):
+        try:
+            with conn.begin_nested():
+                written += write(conn, [key], [new], [old])
+        except sa.exc.IntegrityError:
+            duplicates += 1
+    return written, duplicates
 
 
 def _log_start(job: str, target: Target, total: int) -> None:

@@ -83,7 +83,11 @@ class ReencryptReport:
     ``values_rewritten`` values moved to their scope's active key;
     ``values_current`` were already there; ``values_changed`` were changed by
     the application while the job ran (left as the application wrote them);
-    ``plaintext`` and ``unreadable`` values were left alone (see ``verify``).
+    ``plaintext`` and ``unreadable`` values were left alone (see ``verify``);
+    ``duplicates`` stayed under their old key because, under the active key,
+    each equals another row's value in a deterministic column with a unique
+    constraint (the application wrote it after the rotation): resolve the
+    duplicate rows, then run again.
     """
 
     table: str
@@ -93,11 +97,12 @@ class ReencryptReport:
     values_changed: int = 0
     plaintext: int = 0
     unreadable: int = 0
+    duplicates: int = 0
     active_keys: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return self.plaintext == 0 and self.unreadable == 0
+        return self.plaintext == 0 and self.unreadable == 0 and self.duplicates == 0
 
     def add(self, other: ReencryptReport) -> None:
         self.rows += other.rows
@@ -106,6 +111,7 @@ class ReencryptReport:
         self.values_changed += other.values_changed
         self.plaintext += other.plaintext
         self.unreadable += other.unreadable
+        self.duplicates += other.duplicates
         self.active_keys.update(other.active_keys)
 
     def __str__(self) -> str:
@@ -113,6 +119,11 @@ class ReencryptReport:
             f"{self.table}: {self.rows} rows, {self.values_rewritten} values re-encrypted, "
             f"{self.values_current} already current, {self.values_changed} changed meanwhile, "
             f"{self.plaintext} plaintext, {self.unreadable} unreadable"
+            + (
+                f", {self.duplicates} duplicates left under their old key"
+                if self.duplicates
+                else ""
+            )
         )
 
 
