@@ -70,6 +70,7 @@ class Cache(Generic[V]):
                 self._stats.cache_hits += 1
                 return entry
             self._stats.cache_misses += 1
+            self._sweep()
             future = self._loading.get(key)
             owner = future is None
             if future is None:
@@ -96,11 +97,19 @@ class Cache(Generic[V]):
     def put(self, key: Hashable, value: V) -> tuple[float, V]:
         entry = (clock() + self.ttl, value)
         with self._lock:
+            self._sweep()
             self._entries[key] = entry
             self._entries.move_to_end(key)
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)
         return entry
+
+    def _sweep(self) -> None:
+        """Drop expired entries (under the lock), so an unwrapped key leaves memory after
+        ``ttl`` at the next load at the latest, not only when pushed out by ``capacity``."""
+        now = clock()
+        for key in [k for k, (expires, _) in self._entries.items() if expires <= now]:
+            del self._entries[key]
 
     def discard(self, predicate: Callable[[Hashable], bool]) -> None:
         with self._lock:

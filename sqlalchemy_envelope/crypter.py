@@ -72,6 +72,9 @@ class ColumnCrypter:
         cipher = self.ciphers.get(head)
         if cipher is not None and cipher.expires >= expires:
             return cipher
+        now = clock()  # a key derived anew: drop the sub-keys of expired ones meanwhile
+        for stale in [h for h, c in list(self.ciphers.items()) if c.expires <= now]:
+            self.ciphers.pop(stale, None)
         seal, open_, seal_all = column_cipher(
             algorithm == wire.DETERMINISTIC,
             key.material,

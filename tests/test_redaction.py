@@ -413,7 +413,15 @@ def test_pickles_hold_no_key_material(setup: Setup) -> None:
             continue
         secrets.check_bytes(data, f"pickle of {name}")
     # Whatever holds keys refuses outright.
-    for name in ("Envelope", "ColumnCrypter", "DataKey", "LocalKms", "Cache", "KeyManager"):
+    for name in (
+        "Envelope",
+        "ColumnCrypter",
+        "DataKey",
+        "GeneratedKey",
+        "LocalKms",
+        "Cache",
+        "KeyManager",
+    ):
         assert name in refused, name
 
 

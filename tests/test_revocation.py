@@ -118,9 +118,17 @@ def test_unwrapped_keys_leave_the_cache_on_destroy_and_expiry(
     expires, _ = cache._entries[other]
     assert expires - time.monotonic() <= 0.5
     time.sleep(0.6)
+    crypters = list(ours.app.envelope._crypters)
+    assert any(c.ciphers for c in crypters)  # expired, not yet dropped
     calls = ours.app.envelope.stats.kms_calls
     assert ours.read(2) == "n2"  # expired: asked the KMS again
     assert ours.app.envelope.stats.kms_calls == calls + 1
+    # Loading a key drops every expired one from memory, with its column sub-keys.
+    ours.app.envelope.rotate("patients")
+    time.sleep(0.6)
+    newest = ours.write(3)
+    assert list(cache._entries) == [newest]
+    assert {c.key_id for c in crypters for c in c.ciphers.values()} <= {newest}
 
 
 # -- a KMS that lies --------------------------------------------------------------------------

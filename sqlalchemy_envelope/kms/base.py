@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 DATA_KEY_BYTES = 32
 SCOPE_CONTEXT_KEY = "sqlalchemy-envelope:scope"
@@ -31,6 +31,9 @@ class GeneratedKey:
 
     def __repr__(self) -> str:
         return f"GeneratedKey(kms_key_id={self.kms_key_id!r}, plaintext=<redacted>)"
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a generated data key holds its plaintext and cannot be pickled")
 
 
 @runtime_checkable
