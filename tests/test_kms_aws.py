@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import logging
 import os
 import pickle
 import socket
@@ -18,7 +19,6 @@ from typing import Any
 import boto3
 import pytest
 from botocore.config import Config
-from botocore.exceptions import ClientError
 from botocore.stub import Stubber
 
 from sqlalchemy_envelope.errors import ConfigurationError, KmsError
@@ -109,7 +109,7 @@ def test_unwrap_with_another_scope_fails(kms_backend: KmsBackend, aws_cmk: Cmk) 
     with pytest.raises(KmsError, match="Decrypt") as info:
         kms.unwrap(generated.wrapped, scope_context("doctors"), generated.kms_key_id)
     assert info.value.code == "InvalidCiphertextException"
-    assert isinstance(info.value.__cause__, ClientError)
+    assert info.value.__cause__ is None and info.value.__context__ is None  # no botocore frames
 
 
 def test_unwrap_naming_another_cmk_fails(kms_backend: KmsBackend) -> None:
@@ -315,7 +315,7 @@ def test_disabled_key(stubbed: Any) -> None:
     message = str(info.value)
     assert "GenerateDataKey" in message and "DisabledException" in message
     assert "alias/app" in message
-    assert isinstance(info.value.__cause__, ClientError)
+    assert info.value.__cause__ is None and info.value.__context__ is None  # no botocore frames
 
 
 def test_access_denied_on_decrypt(stubbed: Any) -> None:
@@ -362,9 +362,13 @@ def test_errors_never_hold_the_data_key(stubbed: Any) -> None:
     with pytest.raises(KmsError) as info:
         AwsKms("alias/app", client=client).wrap(data_key, CONTEXT)
     assert info.value.code == "KMSInternalException"
-    text = "".join(traceback.format_exception(info.value)) + repr(info.value.__cause__)
+    text = "".join(traceback.format_exception(info.value))
     for form in secret_forms(data_key):
         assert form not in text
+    # Not chained to botocore's error, whose frames hold the request in their locals.
+    assert info.value.__cause__ is None and info.value.__context__ is None
+    frames = [f.f_code.co_name for f, _ in traceback.walk_tb(info.value.__traceback__)]
+    assert "_make_api_call" not in frames
 
 
 # -- unreachable or unconfigured -------------------------------------------------------------------
@@ -449,3 +453,17 @@ def test_copies_share_the_object(kms_backend: KmsBackend, aws_cmk: Cmk) -> None:
     kms = kms_backend.provider(aws_cmk.alias)
     assert copy.copy(kms) is kms
     assert copy.deepcopy({"kms": kms})["kms"] is kms
+
+
+def test_botocore_debug_logs_hold_no_data_key(
+    kms_backend: KmsBackend, aws_cmk: Cmk, caplog: pytest.LogCaptureFixture
+) -> None:
+    """botocore logs request and response bodies at DEBUG; the data keys in them are redacted."""
+    kms = kms_backend.provider(aws_cmk.alias)
+    with caplog.at_level(logging.DEBUG):
+        generated = kms.generate_data_key(CONTEXT)  # the key in a response body
+        data_key = kms.unwrap(generated.wrapped, CONTEXT, generated.kms_key_id)
+        kms.wrap(data_key, CONTEXT)  # ... and in a request body
+    assert "Response body" in caplog.text and "<redacted>" in caplog.text
+    for form in secret_forms(data_key):
+        assert form not in caplog.text

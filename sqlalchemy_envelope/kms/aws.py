@@ -8,6 +8,8 @@ naming the operation, the AWS error code and the CMK, never key bytes.
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
 from collections.abc import Mapping
 from typing import Any, NoReturn, TypeVar
@@ -39,6 +41,7 @@ class AwsKms:
         if client is not None and (region_name is not None or endpoint_url is not None):
             raise ValueError("pass either client or region_name/endpoint_url, not both")
         self._key_id = key_id
+        _redact_botocore_logs()
         self._client = client if client is not None else _make_client(region_name, endpoint_url)
         self._arn: str | None = key_id if _is_key_arn(key_id) else None
         self._arn_lock = threading.Lock()
@@ -140,9 +143,15 @@ class AwsKms:
         try:
             response: dict[str, Any] = method(**params)
         except Exception as exc:
-            _translate(exc, operation, cmk)
-            raise
-        return response
+            error = _translate(exc, operation, cmk)
+            if error is None:
+                raise
+        else:
+            return response
+        # Raised here, not chained: botocore's frames keep the request (for Encrypt
+        # and ReEncrypt, a data key) in their locals, for any traceback to show.
+        params.clear()
+        raise error
 
     def __repr__(self) -> str:
         return f"AwsKms({self._key_id!r})"
@@ -155,6 +164,27 @@ class AwsKms:
 
     def __deepcopy__(self, memo: object) -> AwsKms:
         return self
+
+
+#: A data key in a KMS request or response body: ``"Plaintext": "<base64>"``.
+_PLAINTEXT = re.compile(r'("Plaintext"\s*:\s*")[^"\\]*')
+
+
+class _RedactDataKeys(logging.Filter):
+    """botocore logs request and response bodies at DEBUG: data keys among them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "Plaintext" in message:
+            record.msg, record.args = _PLAINTEXT.sub(r"\1<redacted>", message), ()
+        return True
+
+
+def _redact_botocore_logs() -> None:
+    for name in ("botocore.endpoint", "botocore.parsers"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _RedactDataKeys) for f in logger.filters):
+            logger.addFilter(_RedactDataKeys())
 
 
 def _make_client(region_name: str | None, endpoint_url: str | None) -> Any:
@@ -174,8 +204,8 @@ def _make_client(region_name: str | None, endpoint_url: str | None) -> Any:
         ) from None
 
 
-def _translate(exc: Exception, operation: str, cmk: str) -> None:
-    """Raise ``KmsError`` for botocore failures; return for anything else."""
+def _translate(exc: Exception, operation: str, cmk: str) -> KmsError | None:
+    """The ``KmsError`` for a botocore failure; None for anything else."""
     try:
         from botocore.exceptions import (
             BotoCoreError,
@@ -184,23 +214,22 @@ def _translate(exc: Exception, operation: str, cmk: str) -> None:
             ValidationError,
         )
     except ImportError:  # a client that is not botocore's: leave its errors alone
-        return
+        return None
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
         code = str(error.get("Code") or "Unknown")
         detail = error.get("Message")
         text = f"AWS KMS {operation} failed for {cmk}: {code}"
         # AWS error texts describe keys and requests, never the data sent.
-        raise KmsError(f"{text}: {detail}" if detail else text, code=code) from exc
+        return KmsError(f"{text}: {detail}" if detail else text, code=code)
     if isinstance(exc, (ParamValidationError, ValidationError)):
         # botocore's report quotes the parameter values, which may include a data key.
-        raise KmsError(
+        return KmsError(
             f"AWS KMS {operation} failed for {cmk}: botocore rejected the request parameters"
-        ) from None
+        )
     if isinstance(exc, BotoCoreError):
-        raise KmsError(
-            f"AWS KMS {operation} failed for {cmk}: {type(exc).__name__}: {exc}"
-        ) from exc
+        return KmsError(f"AWS KMS {operation} failed for {cmk}: {type(exc).__name__}: {exc}")
+    return None
 
 
 def _field(response: Mapping[str, Any], name: str, kind: type[_T], operation: str) -> _T:
