@@ -408,3 +408,30 @@ def test_a_duplicate_under_a_unique_constraint_is_left_and_counted(
         s.commit()
     assert a.envelope.reencrypt(a.Patient).ok
     assert verify(a.envelope, a.Patient).columns["email"].by_key == {new: 5}
+
+
+def test_a_batch_of_large_values_is_written_in_several_statements(
+    pg_url: str,
+    make_engine: Callable[..., sa.Engine],
+    local_kms: LocalKms,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A statement's values stay under a byte budget (PostgreSQL refuses messages over 1 GB)."""
+    from sqlalchemy_envelope.jobs import writes
+
+    monkeypatch.setattr(writes, "MAX_STATEMENT_BYTES", 2_000)
+    a = build()
+    engine = make_engine(pg_url)
+    a.Base.metadata.create_all(engine)
+    a.envelope.configure(kms=local_kms, engine=engine)
+    with Session(engine) as s:
+        s.add_all([a.Patient(id=i, name="x" * 300, email=f"{i}@x.org") for i in range(1, 41)])
+        s.commit()
+    new = a.envelope.rotate("patients")
+    updates: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda *args: updates.append(args[2]))
+    report = a.envelope.reencrypt(a.Patient, batch_size=40)
+    assert report.values_rewritten == 80 and report.ok
+    name_writes = [s for s in updates if s.startswith("UPDATE patients SET name")]
+    assert len(name_writes) >= 8  # 40 values of ~330 bytes, twice (old and new): 2,000 each
+    assert verify(a.envelope, a.Patient).columns["name"].by_key == {new: 40}

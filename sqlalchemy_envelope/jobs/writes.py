@@ -30,6 +30,11 @@ from ..column import Encrypted
 from . import pg_arrays
 from .batches import Key
 
+#: A set-based write sends at most about this many bytes of values in one
+#: statement (PostgreSQL refuses a message over 1 GB); a batch of large values
+#: is written in several.
+MAX_STATEMENT_BYTES = 64 << 20
+
 
 class BatchWrite:
     """Writes one batch of new values into ``column``, each row's write a compare-and-set.
@@ -136,6 +141,19 @@ class BatchWrite:
         ids = [k[0] for k in keys]
         if self.process is not None:
             news = self.process(news)
+        return self._send(conn, ids, news, olds)
+
+    def _send(
+        self, conn: Connection, ids: list[Any], news: list[Any], olds: list[Any] | None
+    ) -> int:
+        """One statement, or halves of it while its values pass :data:`MAX_STATEMENT_BYTES`."""
+        size = sum(len(v) for v in news if v is not None)
+        size += sum(len(v) for v in olds if v is not None) if olds is not None else 0
+        if size > MAX_STATEMENT_BYTES and len(ids) > 1:
+            h = len(ids) // 2
+            return self._send(conn, ids[:h], news[:h], olds and olds[:h]) + self._send(
+                conn, ids[h:], news[h:], olds and olds[h:]
+            )
         params: dict[str, Any] = {
             "_env_keys": pg_arrays.Int8Array.of(ids) if self.int_keys else ids,
             "_env_news": pg_arrays.ByteaArray.of(news),
