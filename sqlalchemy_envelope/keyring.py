@@ -221,6 +221,12 @@ class Keyring:
                 "transaction; use a database file with the default pool, or let the keys "
                 "load before the transaction begins"
             )
+        if self.engine.dialect.is_async and not _runtime.in_greenlet():
+            raise ConfigurationError(
+                "the keyring is on an asyncio engine, which can only be used from inside "
+                "SQLAlchemy's greenlet: call key lifecycle methods (rotate, keys, destroy, "
+                "rewrap) through `await connection.run_sync(lambda _: envelope.rotate(...))`"
+            )
         _own_io.depth = getattr(_own_io, "depth", 0) + 1
         try:
             with self.engine.connect() as conn:

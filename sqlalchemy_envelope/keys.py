@@ -65,6 +65,8 @@ class KeyManager:
         self.stats = stats
         self.cache: Cache[DataKey] = Cache(ttl=ttl, capacity=capacity, stats=stats)
         self.meta: Cache[Any] = Cache(ttl=min(ttl, refresh), capacity=capacity, stats=Stats())
+        #: Ids of destroyed keys seen in a scope's listing: known without I/O (asyncio rows).
+        self.destroyed: dict[int, str] = {}
 
     def __repr__(self) -> str:
         return f"KeyManager({self.keyring!r}, kms={self.kms!r})"
@@ -85,10 +87,7 @@ class KeyManager:
 
     def _unwrap(self, row: KeyRow) -> DataKey:
         if row.state == DESTROYED or row.wrapped_key is None:
-            raise KeyDestroyedError(
-                f"data key {row.id} of scope {row.scope!r} was destroyed; "
-                "values under it cannot be read any more"
-            )
+            raise _destroyed(row.id, row.scope)
         try:
             material = self.call_kms(
                 self.kms.unwrap, row.wrapped_key, scope_context(row.scope), row.kms_key_id
@@ -108,6 +107,15 @@ class KeyManager:
         """``(expires_at, key)`` for a key id found in a stored value."""
 
         def load() -> DataKey:
+            if self.keyring.engine.dialect.is_async and not _runtime.in_greenlet():
+                # A row of a plain AsyncConnection.execute() is processed after its
+                # statement's greenlet ended: no I/O is possible. The keys the scope
+                # can read were loaded before the statement ran (events._prefetch_for_async).
+                if key_id in self.destroyed:
+                    raise _destroyed(key_id, self.destroyed[key_id])
+                raise KeyNotFoundError(
+                    f"data key {key_id} is not a readable key of the column's scope"
+                )
             row = self.keyring.get(key_id)
             if row is None:
                 raise KeyNotFoundError(f"data key {key_id} is not in the keyring")
@@ -134,10 +142,7 @@ class KeyManager:
 
     def readable_keys(self, scope: str) -> list[tuple[float, DataKey]]:
         """Every key of the scope that can still decrypt (for deterministic lookups)."""
-        _, ids = self.meta.get_or_load(
-            ("scope", scope),
-            lambda: tuple(r.id for r in self.keyring.rows(scope, states=(ACTIVE, RETIRED))),
-        )
+        _, ids = self.meta.get_or_load(("scope", scope), lambda: self._readable_ids(scope))
         keys = []
         for key_id in ids:
             try:
@@ -145,6 +150,11 @@ class KeyManager:
             except KeyNotFoundError:
                 continue  # shredded since the list was read
         return keys
+
+    def _readable_ids(self, scope: str) -> tuple[int, ...]:
+        rows = self.keyring.rows(scope)
+        self.destroyed.update((r.id, r.scope) for r in rows if r.state == DESTROYED)
+        return tuple(r.id for r in rows if r.state in (ACTIVE, RETIRED))
 
     def prepare_scopes(self) -> None:
         """Create the first key of every declared scope that never had one (see ``events``)."""
@@ -178,3 +188,10 @@ class KeyManager:
         if key_id is not None:
             self.cache.discard(lambda entry: entry == key_id)
         self.meta.discard(lambda entry: scope is None or entry[1] == scope)  # type: ignore[index]
+
+
+def _destroyed(key_id: int, scope: str) -> KeyDestroyedError:
+    return KeyDestroyedError(
+        f"data key {key_id} of scope {scope!r} was destroyed; "
+        "values under it cannot be read any more"
+    )

@@ -20,7 +20,14 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
-from sqlalchemy_envelope import KmsError, LocalKms
+from sqlalchemy_envelope import (
+    ConfigurationError,
+    KeyDestroyedError,
+    KeyNotFoundError,
+    KmsError,
+    LocalKms,
+    wire,
+)
 from sqlalchemy_envelope.kms.base import GeneratedKey
 
 from .attack import SwitchableKms
@@ -220,5 +227,32 @@ def test_async_kms_outage_fails_closed(async_url: str) -> None:
         async with engine.connect() as conn:
             ids = (await conn.execute(sa.text("SELECT id FROM patients"))).scalars().all()
         assert ids == [1]
+
+    run(async_url, main)
+
+
+def test_core_async_rows_under_a_destroyed_or_unknown_key_raise_our_errors(
+    async_url: str,
+) -> None:
+    """Rows of a plain AsyncConnection.execute() decrypt with no I/O possible: still our errors."""
+
+    async def main(app: App, engine: AsyncEngine, kms: SlowKms) -> None:
+        patients, envelope = app.Patient.__table__, app.envelope
+        await add_patient(app, engine, 1)
+        with pytest.raises(ConfigurationError, match="run_sync"):
+            envelope.keys("patients")  # from plain async code
+        async with engine.connect() as conn:  # lifecycle calls are synchronous: run_sync
+            shredded = await conn.run_sync(lambda _: envelope.keys("patients")[0].id)
+            await conn.run_sync(lambda _: envelope.rotate("patients"))
+            await conn.run_sync(lambda _: envelope.destroy(shredded, force=True))
+        envelope.configure(kms=kms, engine=engine)  # cold
+        async with engine.connect() as conn:
+            with pytest.raises(KeyDestroyedError, match=f"data key {shredded} "):
+                (await conn.execute(sa.select(patients.c.name))).all()
+            raw = sa.table("patients", sa.column("ssn", sa.LargeBinary))
+            forged = wire.header(wire.RANDOMIZED, 4242) + bytes(40)
+            await conn.execute(raw.update().values(ssn=forged))
+            with pytest.raises(KeyNotFoundError, match="4242"):
+                (await conn.execute(sa.select(patients.c.ssn))).all()
 
     run(async_url, main)
