@@ -104,6 +104,8 @@ class Envelope:
         with self._lock:
             if self._keyring is not None:
                 self._keyring.dispose()
+            if self._manager is not None:
+                events.unwatch_sqlite(self._manager)
             self._keyring = Keyring(self.table, engine)
             self._manager = (
                 None

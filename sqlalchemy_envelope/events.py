@@ -57,13 +57,19 @@ def watch_sqlite(manager: Any) -> None:
         _sqlite_managers.add(manager)
 
 
+def unwatch_sqlite(manager: Any) -> None:
+    """Forget a manager the envelope replaced (``configure`` again)."""
+    _sqlite_managers.discard(manager)
+
+
 def _prepare_sqlite_scopes(conn: Any) -> None:
     if conn.dialect.name != "sqlite" or in_keyring_io():
         return
     for manager in list(_sqlite_managers):
         if manager.keyring.data_engine is conn.engine:
-            # No keyring table yet (create_all is running): the next transaction retries.
-            with contextlib.suppress(sa.exc.OperationalError), beginning(conn):
+            # No keyring table yet (create_all is running), or the KMS is down: the
+            # next transaction retries, and a statement that needs the key reports it.
+            with contextlib.suppress(sa.exc.OperationalError, EnvelopeError), beginning(conn):
                 manager.prepare_scopes()
 
 

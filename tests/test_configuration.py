@@ -205,3 +205,15 @@ def test_a_static_pool_refuses_keyring_io_inside_a_transaction(tmp_path: Any) ->
             time.sleep(0.05)
             conn.execute(notes.insert().values(id=2, body="two"))
         assert _ids(conn, notes) == []  # rolled back whole, not half committed
+
+
+def test_configure_again_leaves_no_earlier_key_manager_behind(tmp_path: Any) -> None:
+    """SQLite prepares scopes as a transaction begins: with the current provider only."""
+    from sqlalchemy_envelope import events
+
+    envelope = Envelope(sa.MetaData())
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'again.db'}")
+    for _ in range(3):
+        envelope.configure(kms=LocalKms(b"k" * 32), engine=engine)
+    managers = [m for m in events._sqlite_managers if m.keyring.data_engine is engine]
+    assert managers == [envelope._keys()]
