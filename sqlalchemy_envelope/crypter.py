@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from . import wire
 from ._crypto import AuthenticationFailed, SealAll, column_cipher
 from .cache import clock
-from .errors import DecryptionError, where
+from .errors import DecryptionError, KeyNotFoundError, where
 
 if TYPE_CHECKING:
     from .envelope import Envelope
@@ -108,8 +108,13 @@ class ColumnCrypter:
                 f"{self.where()}: the stored value is not a valid encrypted value"
             )
         algorithm, key_id = parsed
-        expires, key = self.envelope._keys().data_key(key_id)
-        return self._cipher(algorithm, key, expires)
+        try:
+            expires, key = self.envelope._keys().data_key(key_id)
+        except KeyNotFoundError as exc:  # also KeyDestroyedError: same type, naming the column
+            error = type(exc)(f"{self.where()}: {exc}")
+        else:
+            return self._cipher(algorithm, key, expires)
+        raise error
 
     def for_lookup(self) -> list[Cipher]:
         """Deterministic ciphers under every readable key of the scope."""
