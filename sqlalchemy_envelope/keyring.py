@@ -230,9 +230,30 @@ class Keyring:
         _own_io.depth = getattr(_own_io, "depth", 0) + 1
         try:
             with self.engine.connect() as conn:
-                yield conn
+                try:
+                    yield conn
+                except sa.exc.DBAPIError:
+                    if conn.invalidated or self._table_exists():
+                        raise
+                    missing = True
+                else:
+                    missing = False
         finally:
             _own_io.depth -= 1
+        if missing:
+            name = self.table.name if self.table.schema is None else self.table.fullname
+            raise ConfigurationError(
+                f"the keyring table {name!r} does not exist on this database: create it "
+                "(metadata.create_all with the Envelope's MetaData, envelope.table.create"
+                "(engine), or op.create_keyring_table() in a migration)"
+            )
+
+    def _table_exists(self) -> bool:
+        """Checked on a connection of its own, outside the failed statement's transaction."""
+        if self.engine is self.data_engine:  # a shared connection: no second one to ask on
+            return True
+        with self.engine.connect() as conn:
+            return bool(sa.inspect(conn).has_table(self.table.name, self.table.schema))
 
     def _select(self) -> sa.Select[Any]:
         t = self.table

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from sqlalchemy_envelope import (
     AwsKms,
+    ConfigurationError,
     Envelope,
     EnvelopeError,
     KmsError,
@@ -288,9 +289,11 @@ def test_missing_keyring_table_hides_the_parameters(
     app.envelope.table.drop(engine)
     master = os.urandom(32)
     app.envelope.configure(kms=LocalKms(master), engine=engine)
-    with pytest.raises(sa.exc.DBAPIError) as info, Session(engine) as s:
+    missing = r"keyring table 'envelope_data_keys' does not exist"
+    with pytest.raises(ConfigurationError, match=missing) as info, Session(engine) as s:
         s.add(app.Patient(id=2, **PLANTED))
         s.commit()
+    assert "create_keyring_table" in str(info.value)
     check_exception(info.value, Secrets([master]))
 
 
