@@ -849,3 +849,35 @@ def test_the_sqlite_rebuild_keeps_what_refers_to_the_table(
     with engine.connect() as conn:
         got = conn.execute(sa.select(view.c.id, view.c.ssn).where(view.c.id < 5)).all()
     assert got == [(i, f"000-00-000{i}") for i in range(1, 5)]
+
+
+def test_postgres_swap_keeps_the_columns_comment_and_privileges(
+    pg_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    """A column-level GRANT (a read-only role's access) and the comment survive the swap."""
+    engine = make_engine(pg_url)
+    envelope = envelope_on(engine, local_kms)
+    role = f"reader_{os.urandom(6).hex()}"
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE people (id int PRIMARY KEY, ssn varchar(11))")
+        conn.exec_driver_sql("INSERT INTO people VALUES (1, '123-45-6789')")
+        conn.exec_driver_sql("COMMENT ON COLUMN people.ssn IS 'social security number'")
+        conn.exec_driver_sql(f"CREATE ROLE {role}")
+        conn.exec_driver_sql(f"GRANT SELECT (id, ssn), UPDATE (ssn) ON people TO {role}")
+    try:
+        encrypt_column(envelope, engine, "people", "ssn", Encrypted(sa.String(11)))
+        with engine.connect() as conn:
+            column = next(c for c in sa.inspect(conn).get_columns("people") if c["name"] == "ssn")
+            assert column["comment"] == "social security number"
+            privileges = conn.execute(
+                sa.text(
+                    "SELECT has_column_privilege(:r, 'people', 'ssn', 'SELECT'), "
+                    "has_column_privilege(:r, 'people', 'ssn', 'UPDATE')"
+                ),
+                {"r": role},
+            ).one()
+        assert tuple(privileges) == (True, True)
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP TABLE people")
+            conn.exec_driver_sql(f"DROP ROLE {role}")

@@ -107,6 +107,7 @@ def swap(
         trigger.remove(conn, table, schema, shadow)
         nullable, indexes = _schema(conn, table, schema, column)
         if dialect == "postgresql":
+            kept = _pg_comment_and_grants(conn, qt, column)
             conn.exec_driver_sql(f"ALTER TABLE {qt} DROP COLUMN {q.quote(column)}")
             conn.exec_driver_sql(
                 f"ALTER TABLE {qt} RENAME COLUMN {q.quote(shadow)} TO {q.quote(column)}"
@@ -117,6 +118,8 @@ def swap(
                 )
             for index in indexes:
                 conn.exec_driver_sql(_create_index(q, qt, index, constraints=True))
+            for statement in kept:
+                conn.exec_driver_sql(statement)
         else:
             for index in indexes:  # batch mode cannot carry them across a drop-and-rename
                 if not index.constraint:
@@ -209,6 +212,39 @@ def _schema(
                 fk["name"],
             )
     return bool(info["nullable"]), list(indexes.values())
+
+
+def _pg_comment_and_grants(conn: Connection, qt: str, column: str) -> list[str]:
+    """The statements that give the new column the old one's comment and column privileges."""
+    q = conn.dialect.identifier_preparer
+    qc = f"{qt}.{q.quote(column)}"
+    row = conn.execute(
+        sa.text(
+            "SELECT col_description(attrelid, attnum), attacl IS NOT NULL FROM pg_attribute "
+            "WHERE attrelid = CAST(:t AS regclass) AND attname = :c"
+        ),
+        {"t": qt, "c": column},
+    ).one()
+    statements = []
+    if row[0] is not None:
+        text = sa.literal(row[0]).compile(
+            dialect=conn.dialect, compile_kwargs={"literal_binds": True}
+        )
+        statements.append(f"COMMENT ON COLUMN {qc} IS {text}")
+    if row[1]:  # privileges granted on this column (not on the whole table)
+        grants = conn.execute(
+            sa.text(
+                "SELECT CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee) END, "
+                "a.privilege_type, a.is_grantable FROM pg_attribute, aclexplode(attacl) AS a "
+                "WHERE attrelid = CAST(:t AS regclass) AND attname = :c"
+            ),
+            {"t": qt, "c": column},
+        ).all()
+        for grantee, privilege, grantable in grants:
+            role = "PUBLIC" if grantee is None else q.quote(grantee)
+            option = " WITH GRANT OPTION" if grantable else ""
+            statements.append(f"GRANT {privilege} ({q.quote(column)}) ON {qt} TO {role}{option}")
+    return statements
 
 
 def _column_spec(
