@@ -102,9 +102,10 @@ def reencrypt(
     application changed since the batch read it keeps the application's write.
     Given an Engine on PostgreSQL, batches run on two connections at once
     (:mod:`sqlalchemy_envelope.jobs.pages`); a Connection keeps to itself.
-    The remaining window: a value the application writes under a key that was
+    The remaining windows: a value the application writes under a key that was
     active when it started but has been rotated out since is left under that
-    key until the next run (a rotation during the job moves the target too).
+    key until the next run (a rotation during the job moves the target too),
+    and so is a row whose primary key the application moves behind the job.
 
     ``distributed=True``: this call is one of several workers (processes or
     machines) sharing the table; start the same call on each. They split it
