@@ -124,46 +124,56 @@ def _own_pool(engine: Engine) -> Engine:
     )
 
 
-#: The application's connections inside a transaction, per engine whose one
-#: connection the keyring shares.
-_open: weakref.WeakKeyDictionary[Engine, set[int]] = weakref.WeakKeyDictionary()
+#: Per engine whose one connection the keyring shares: for each thread, the
+#: application's ``Connection`` while it is inside a transaction.
+_open: weakref.WeakKeyDictionary[Engine, dict[int, Connection]] = weakref.WeakKeyDictionary()
 
 
 def _track(engine: Engine) -> None:
-    """Follow which application transactions are open on ``engine``.
+    """Follow the application's transactions on ``engine``, whose connection the keyring shares.
 
-    On a connection it shares, the keyring's I/O would end the application's
-    transaction: a read's connection rolls it back when it returns to the pool,
-    a new key's commit commits it. So the keyring refuses to touch it then.
+    A connection of the keyring's own there would be the application's: a
+    read's connection would roll its transaction back when it returns to the
+    pool, a new key's commit would commit it. So while a transaction is open,
+    the keyring reads inside it, on the application's own ``Connection``, and
+    creates no key (see :meth:`Keyring.connect`).
     """
     if engine in _open:
         return
-    _open[engine] = set()
+    _open[engine] = {}
 
     def begin(conn: Connection) -> None:
         if not in_keyring_io():
-            _open[conn.engine].add(id(conn))
+            _open[conn.engine][threading.get_ident()] = conn
 
     def end(conn: Connection) -> None:
-        _open[conn.engine].discard(id(conn))
+        held = _open[conn.engine]
+        if held.get(threading.get_ident()) is conn:
+            del held[threading.get_ident()]
 
     sa.event.listen(engine, "begin", begin)
     sa.event.listen(engine, "commit", end)
     sa.event.listen(engine, "rollback", end)
 
 
+def _in_transaction(engine: Engine) -> Connection | None:
+    """The application's connection in a transaction on ``engine`` (shared), in this thread."""
+    held = _open.get(engine)
+    return None if not held else held.get(threading.get_ident())
+
+
 @contextmanager
 def beginning(conn: Connection) -> Iterator[None]:
-    """While ``conn``'s transaction begins, before it did anything, the keyring may share it."""
-    open_ = _open.get(conn.engine)
-    if open_ is None or id(conn) not in open_:
+    """While ``conn``'s transaction begins, before it did anything, the keyring may end it."""
+    held = _open.get(conn.engine)
+    if held is None or held.get(threading.get_ident()) is not conn:
         yield
         return
-    open_.discard(id(conn))
+    del held[threading.get_ident()]
     try:
         yield
     finally:
-        open_.add(id(conn))
+        held[threading.get_ident()] = conn
 
 
 #: How often a rotation that lost a race re-reads the active key before giving up.
@@ -207,20 +217,30 @@ class Keyring:
 
     @contextmanager
     def begin(self) -> Iterator[Connection]:
+        """A transaction of the keyring's own, for writes."""
+        if _in_transaction(self.engine) is not None:
+            raise ConfigurationError(
+                "the keyring shares the application's one database connection (an in-memory "
+                "SQLite database, a StaticPool or a SingletonThreadPool), where it cannot "
+                "write a key while a transaction is open without ending that transaction: "
+                "rotate between transactions, or use a database file with the default pool"
+            )
         with self.connect() as conn, conn.begin():
             yield conn
 
     @contextmanager
     def connect(self) -> Iterator[Connection]:
         """A connection of the keyring's own (marked, so engine events can tell)."""
-        if _open.get(self.engine):
-            raise ConfigurationError(
-                "the keyring shares the application's one database connection (an in-memory "
-                "SQLite database, a StaticPool or a SingletonThreadPool) and cannot load or "
-                "create a key while a transaction is open on it without ending that "
-                "transaction; use a database file with the default pool, or let the keys "
-                "load before the transaction begins"
-            )
+        app = _in_transaction(self.engine)
+        if app is not None:
+            # The one connection is in the application's transaction: read in it, and
+            # leave it open (no commit, no rollback, no return to the pool).
+            _own_io.depth = getattr(_own_io, "depth", 0) + 1
+            try:
+                yield app
+            finally:
+                _own_io.depth -= 1
+            return
         if self.engine.dialect.is_async and not _runtime.in_greenlet():
             raise ConfigurationError(
                 "the keyring is on an asyncio engine, which can only be used from inside "
