@@ -881,3 +881,33 @@ def test_postgres_swap_keeps_the_columns_comment_and_privileges(
         with engine.begin() as conn:
             conn.exec_driver_sql("DROP TABLE people")
             conn.exec_driver_sql(f"DROP ROLE {role}")
+
+
+def test_a_column_under_keys_the_keyring_lacks_is_refused(
+    any_db_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    """Encrypted under another keyring (a configuration slip): neither done nor plaintext."""
+    engine = make_engine(any_db_url)
+    first = envelope_on(engine, local_kms)
+    metadata = sa.MetaData()
+    files = sa.Table(
+        "files", metadata,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("body", sa.LargeBinary),
+    )  # fmt: skip
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(files.insert(), [{"id": i, "body": b"secret %d" % i} for i in range(5)])
+    encrypt_column(first, engine, "files", "body", Encrypted(sa.LargeBinary()))
+    other = Envelope(sa.MetaData(), table_name="other_keys")
+    other.metadata.create_all(engine)  # type: ignore[union-attr]
+    other.configure(kms=local_kms, engine=engine)
+    for job in (
+        lambda: encrypt_column(other, engine, "files", "body", Encrypted(sa.LargeBinary())),
+        lambda: decrypt_column(other, engine, "files", "body", sa.LargeBinary()),
+    ):
+        with pytest.raises(ConfigurationError, match="keys this keyring does not have"):
+            job()
+    view = encrypted_view(files, first, ["body"])
+    with engine.connect() as conn:  # untouched
+        assert conn.execute(sa.select(view.c.body).where(view.c.id == 3)).scalar() == b"secret 3"

@@ -388,7 +388,9 @@ class Conversion:
         Decided by values that authenticate, not by a sample that looks right:
         a value written around the library (plaintext after a swap, by old
         code) must not make a finished conversion run again over ciphertext,
-        nor uploaded bytes that begin like a header make it skip plaintext.
+        nor uploaded bytes that begin like a header make it skip plaintext. A
+        column that holds nothing but values under keys the keyring lacks is
+        refused: most likely the envelope names the wrong keyring table.
         """
         if not isinstance(reflected, sa.types._Binary):
             return False
@@ -398,20 +400,31 @@ class Conversion:
         with conn.begin():
             candidates = conn.execute(sa.select(col).select_from(table).where(looks_ours).limit(16))
             values = [v for v in candidates.scalars() if wire.parse_header(v) is not None]
+            present = sa.select(col).select_from(table).where(col.is_not(None))
             if not values:
-                any_value = sa.select(col).select_from(table).where(col.is_not(None)).limit(1)
-                return conn.execute(any_value).first() is None
+                return conn.execute(present.limit(1)).first() is None
+            mixed = conn.execute(present.where(~looks_ours).limit(1)).first() is not None
         encrypted = self.write if self.encrypting else self.read
         assert isinstance(encrypted, Encrypted)
         crypter = encrypted.crypter()
+        unknown: set[int] = set()
         for value in values:  # outside the transaction: keys may be loaded
             try:
                 crypter.decrypt(bytes(value))
             except KeyDestroyedError:
                 return True  # shredded, yet the keyring knows it: ours
-            except (DecryptionError, KeyNotFoundError):
-                continue
-            return True
+            except KeyNotFoundError:
+                unknown.add(wire.key_id_of(value) or 0)
+            except DecryptionError:
+                continue  # bytes that only look like ours
+            else:
+                return True
+        if unknown and not mixed:  # all ciphertext, of another keyring: touch nothing
+            raise ConfigurationError(
+                f"{self.table}.{self.column} holds values under data keys this keyring does "
+                f"not have ({', '.join(map(str, sorted(unknown)))}): is the envelope "
+                "configured with the keyring table the column was encrypted with?"
+            )
         return False
 
     def _reflect(self, conn: Connection) -> sa.Table:
