@@ -79,7 +79,12 @@ class EncryptedComparator(TypeDecorator.Comparator[Any]):
                 f"can be answered, not {getattr(op, '__name__', op)}"
             )
         values = _plain_values(name, op, other[0])
-        return super().operate(target, _lookup_parameter(type_, values), **kwargs)
+        lookup = super().operate(target, _lookup_parameter(type_, values), **kwargs)
+        # Wrapped so that the ORM's Python evaluator (bulk UPDATE/DELETE with
+        # synchronize_session="evaluate" or "auto") cannot evaluate it: it would
+        # compare loaded plaintext with ciphertext, match nothing and leave the
+        # session stale. "auto" then fetches the matched rows instead.
+        return sa.type_coerce(lookup, sa.Boolean())
 
     def reverse_operate(self, op: Any, other: Any, **kwargs: Any) -> ColumnElement[Any]:
         if op in (operators.eq, operators.ne):

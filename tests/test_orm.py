@@ -111,27 +111,41 @@ def test_orm_bulk_update_delete_and_returning(app: tuple[App, sa.Engine]) -> Non
     a, engine = app
     P = a.Patient
     with Session(engine) as s:
-        s.add(P(id=1, name="one", email="one@x.org"))
+        s.add_all([P(id=1, name="one", email="one@x.org"), P(id=2, name="two", email="two@x.org")])
         s.commit()
-    for sync in ("auto", "evaluate", "fetch", False):
+    for sync in ("auto", "fetch"):
         with Session(engine) as s:
-            p = s.get(P, 1)
-            assert p is not None
+            one, two = s.get(P, 1), s.get(P, 2)
+            assert one is not None and two is not None
+            options = {"synchronize_session": sync}
             s.execute(
-                sa.update(P).where(P.id == 1).values(name=f"name {sync}"),
-                execution_options={"synchronize_session": sync},
+                sa.update(P).where(P.id == 1).values(name=f"a {sync}"), execution_options=options
             )
-            if sync is not False:
-                assert p.name == f"name {sync}"
-            s.execute(sa.update(P).where(P.email == "one@x.org").values(ssn=f"ssn {sync}"))
+            s.execute(
+                sa.update(P).where(P.email == "two@x.org").values(ssn=f"b {sync}"),
+                execution_options=options,
+            )
+            # The session's objects follow, before any commit expires them.
+            assert (one.name, two.ssn, one.ssn) == (f"a {sync}", f"b {sync}", None)
             s.commit()
-            assert (p.name, p.ssn) == (f"name {sync}", f"ssn {sync}")
+    with Session(engine) as s, pytest.raises(sa.exc.InvalidRequestError, match="evaluate"):
+        s.get(P, 2)  # the evaluator cannot compare plaintext with ciphertext: it says so
+        s.execute(
+            sa.delete(P).where(P.email == "two@x.org"),
+            execution_options={"synchronize_session": "evaluate"},
+        )
+    with Session(engine) as s:
+        two = s.get(P, 2)
+        s.execute(sa.delete(P).where(P.email == "two@x.org"))
+        assert two in s.deleted or sa.inspect(two).was_deleted
+        s.commit()
     with Session(engine) as s:
         [returned] = s.scalars(sa.update(P).where(P.id == 1).values(name="r").returning(P)).all()
         assert returned.name == "r"
-        assert s.scalars(
-            sa.insert(P).returning(P.name), [{"id": 2, "name": "n2", "email": "e2"}]
-        ).all() == ["n2"]
-        s.execute(sa.delete(P).where(P.ssn.is_(None)))
+        inserted = s.scalars(
+            sa.insert(P).returning(P.name), [{"id": 3, "name": "n3", "email": "e3"}]
+        )
+        assert inserted.all() == ["n3"]
+        s.execute(sa.delete(P).where(P.ssn.is_(None), P.id > 1))
         s.commit()
         assert s.scalars(sa.select(P.id).order_by(P.id)).all() == [1]
