@@ -150,25 +150,41 @@ def usage(
             }
         if inspector.default_schema_name in found:
             found.discard(inspector.default_schema_name)  # the same as None
+        unreadable = []
         for schema in sorted(found, key=lambda s: s or ""):
             for table_name in inspector.get_table_names(schema=schema):
-                columns = [
+                where = table_name if schema is None else f"{schema}.{table_name}"
+                columns = inspector.get_columns(table_name, schema=schema)
+                if {c["name"] for c in columns} >= _KEYRING_COLUMNS:
+                    continue  # a keyring: its wrapped keys are not values
+                binary = [
                     c["name"]
-                    for c in inspector.get_columns(table_name, schema=schema)
+                    for c in columns
                     if isinstance(c["type"], (sa.LargeBinary, sa.types._Binary))
                 ]
                 table = sa.table(
-                    table_name, *(sa.column(c, sa.LargeBinary) for c in columns), schema=schema
+                    table_name, *(sa.column(c, sa.LargeBinary) for c in binary), schema=schema
                 )
-                for name in columns:
+                for name in binary:
                     col = table.c[name]
-                    n = conn.execute(
-                        sa.select(sa.func.count()).where(
-                            sa.func.substr(col, 1, 1) == bytes([wire.VERSION]),
-                            sa.func.substr(col, 3, 4) == key_bytes,
-                        )
-                    ).scalar_one()
+                    stmt = sa.select(sa.func.count()).where(
+                        sa.func.substr(col, 1, 1) == bytes([wire.VERSION]),
+                        sa.func.substr(col, 3, 4) == key_bytes,
+                    )
+                    try:
+                        with conn.begin_nested():
+                            n = conn.execute(stmt).scalar_one()
+                    except sa.exc.DBAPIError:  # not ours to read (no privilege)
+                        unreadable.append(where)
+                        break
                     if n:
-                        where = table_name if schema is None else f"{schema}.{table_name}"
                         counts[(where, name)] = n
+        if unreadable:
+            log.warning(
+                "data key %d: tables this connection may not read were not searched: %s",
+                key_id, ", ".join(unreadable),
+            )  # fmt: skip
     return counts
+
+
+_KEYRING_COLUMNS = frozenset({"scope", "state", "wrapped_key", "kms_key_id"})

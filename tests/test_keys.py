@@ -255,3 +255,38 @@ def test_destroy_searches_every_postgres_schema(
     finally:
         with engine.begin() as conn:
             conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+
+
+def test_destroy_skips_what_the_role_may_not_read(
+    pg_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    """Another role's schema in the database is not the application's to search (or fail on)."""
+    admin = make_engine(pg_url)
+    role, other = f"r_{uuid.uuid4().hex[:12]}", f"o_{uuid.uuid4().hex[:12]}"
+    schema = admin.url.query["options"].split("=")[-1]  # the test's fresh schema
+    with admin.begin() as conn:
+        conn.execute(sa.text(f"CREATE ROLE {role} LOGIN"))
+        conn.execute(sa.text(f'GRANT ALL ON SCHEMA "{schema}" TO {role}'))
+        conn.execute(sa.text(f"CREATE SCHEMA {other}"))
+        conn.execute(sa.text(f"CREATE TABLE {other}.secrets (id int PRIMARY KEY, b bytea)"))
+    try:
+        engine = make_engine(admin.url.set(username=role))
+        envelope, table = _schema()
+        table.metadata.create_all(engine)
+        envelope.configure(kms=local_kms, engine=engine)
+        with engine.begin() as conn:
+            conn.execute(table.insert().values(id=1, body="kept"))
+        old = envelope.keys("notes")[0].id
+        envelope.rotate("notes")
+        with pytest.raises(KeyInUseError, match=r"notes\.body \(1\)"):
+            envelope.destroy(old)  # searched what it may read, and found the value
+        with engine.begin() as conn:
+            conn.execute(table.delete())
+        envelope.destroy(old)  # nothing left that it can see
+        assert [k.state for k in envelope.keys("notes")] == ["destroyed", "active"]
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f"DROP SCHEMA {other} CASCADE"))
+            conn.execute(sa.text(f'REVOKE ALL ON SCHEMA "{schema}" FROM {role}'))
+            conn.execute(sa.text(f"DROP OWNED BY {role}"))
+            conn.execute(sa.text(f"DROP ROLE {role}"))
