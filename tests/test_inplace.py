@@ -804,7 +804,10 @@ def test_the_sqlite_rebuild_keeps_what_refers_to_the_table(
     with engine.begin() as conn:
         for sql in (
             "CREATE TABLE accounts (id INTEGER PRIMARY KEY AUTOINCREMENT, "
-            "balance INT CHECK (balance >= 0), ssn VARCHAR(11) NOT NULL CHECK (length(ssn) = 11))",
+            "balance INT CHECK (balance >= 0), ssn VARCHAR(11) NOT NULL CHECK (length(ssn) = 11), "
+            "kind TEXT CHECK (kind IN ('ssn', 'none')))",
+            "CREATE TABLE parents (id INTEGER PRIMARY KEY)",
+            "CREATE TABLE orphans (id INTEGER PRIMARY KEY, parent_id INT REFERENCES parents (id))",
             "CREATE TABLE payments (id INTEGER PRIMARY KEY, "
             "account_id INT REFERENCES accounts (id) ON DELETE CASCADE)",
             "CREATE TABLE notes (id INTEGER PRIMARY KEY, "
@@ -816,12 +819,20 @@ def test_the_sqlite_rebuild_keeps_what_refers_to_the_table(
         ):
             conn.exec_driver_sql(sql)
         for i in range(1, 6):
-            conn.exec_driver_sql(f"INSERT INTO accounts VALUES ({i}, {i * 100}, '000-00-000{i}')")
+            conn.exec_driver_sql(
+                f"INSERT INTO accounts VALUES ({i}, {i * 100}, '000-00-000{i}', 'none')"
+            )
             conn.exec_driver_sql(f"INSERT INTO payments VALUES ({i}, {i})")
             conn.exec_driver_sql(f"INSERT INTO notes VALUES ({i}, {i})")
         conn.exec_driver_sql("DELETE FROM payments WHERE account_id = 5")
         conn.exec_driver_sql("DELETE FROM notes WHERE account_id = 5")
         conn.exec_driver_sql("DELETE FROM accounts WHERE id = 5")  # AUTOINCREMENT never reuses 5
+    with engine.connect() as conn:  # an orphan from long ago, in tables of no concern
+        conn.exec_driver_sql("PRAGMA foreign_keys = OFF")
+        conn.exec_driver_sql("INSERT INTO orphans VALUES (1, 42)")
+        conn.commit()
+        conn.exec_driver_sql("PRAGMA foreign_keys = ON")
+        conn.commit()
 
     report = encrypt_column(envelope, engine, "accounts", "ssn", Encrypted(sa.String(11)))
     assert report.swapped
@@ -836,9 +847,11 @@ def test_the_sqlite_rebuild_keeps_what_refers_to_the_table(
         assert q("SELECT * FROM audit").all() == [(1, 7)]
         with pytest.raises(sa.exc.IntegrityError), conn.begin_nested():
             q("UPDATE accounts SET balance = -5 WHERE id = 1")
+        with pytest.raises(sa.exc.IntegrityError), conn.begin_nested():  # not about ssn: kept
+            q("UPDATE accounts SET kind = 'bogus' WHERE id = 1")
         with pytest.raises(sa.exc.IntegrityError), conn.begin_nested():
             q("INSERT INTO payments VALUES (9, 42)")  # foreign keys are enforced again
-        q("INSERT INTO accounts (balance, ssn) VALUES (1, x'00')")
+        q("INSERT INTO accounts (balance, ssn, kind) VALUES (1, x'00', 'none')")
         assert q("SELECT max(id) FROM accounts").scalar() == 6
         assert q("PRAGMA foreign_keys").scalar() == 1
     view = sa.Table(

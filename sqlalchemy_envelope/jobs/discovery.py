@@ -97,14 +97,14 @@ def resolve(
                 )
         samples = {c: _sample(conn, reflected, c) for c in wanted or _binary_columns(reflected)}
     key_scopes = {row.id: row.scope for row in envelope.keyring().rows()}
-    if not wanted and not (unconverted and unconverted_ok):
-        # Nothing declared (or nothing converted yet): find them from their values.
+    if not wanted and unconverted and not unconverted_ok:
+        raise ConfigurationError(
+            f"table {name!r}: {', '.join(unconverted)} declared encrypted but still stored "
+            "as plaintext; convert them with encrypt_column first"
+        )
+    if not wanted and not unconverted:
+        # Nothing declared: find the encrypted columns from their values.
         wanted = [c for c, heads in samples.items() if _looks_encrypted(heads, key_scopes)]
-        if unconverted:
-            raise ConfigurationError(
-                f"table {name!r}: {', '.join(unconverted)} declared encrypted but still stored "
-                "as plaintext; convert them with encrypt_column first"
-            )
         if not wanted and any(samples.values()):
             raise ConfigurationError(
                 f"found no encrypted columns in table {name!r}; name them "

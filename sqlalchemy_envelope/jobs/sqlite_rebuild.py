@@ -93,6 +93,7 @@ def rebuild(
                 drop.append(check["name"])
         elif not check["name"]:  # Alembic carries named ones itself, not unnamed ones
             keep.append(sa.CheckConstraint(sa.text(check["sqltext"])))
+    broken_before = _broken_references(conn, prefix) if check_foreign_keys else set()
     legacy = conn.exec_driver_sql("PRAGMA legacy_alter_table").scalar()
     conn.exec_driver_sql("PRAGMA legacy_alter_table = ON")
     try:
@@ -116,17 +117,23 @@ def rebuild(
             .values(seq=sa.func.max(sequence.c.seq, counter))
         )
     if check_foreign_keys:
-        broken = conn.exec_driver_sql(f"PRAGMA {prefix}foreign_key_check").first()
-        if broken is not None:
+        broken = _broken_references(conn, prefix) - broken_before
+        if broken:
             raise ConfigurationError(
-                f"{table}.{column}: after rebuilding the table, a row of {broken[0]} no longer "
-                "finds the row it references; nothing was swapped"
+                f"{table}.{column}: after rebuilding the table, a row of {min(broken)[0]} no "
+                "longer finds the row it references; nothing was swapped"
             )
 
 
+def _broken_references(conn: Connection, prefix: str) -> set[tuple[object, ...]]:
+    """Rows whose foreign key finds no parent (those that were so before do not count)."""
+    return {tuple(row) for row in conn.exec_driver_sql(f"PRAGMA {prefix}foreign_key_check")}
+
+
 def mentions(sql: str, column: str) -> bool:
-    """Whether an expression's SQL names ``column`` (a word of it, quoted or not)."""
-    return re.search(rf"\b{re.escape(column)}\b", sql) is not None
+    """Whether an expression's SQL names ``column`` (quoted or not; not inside a string)."""
+    code = re.sub(r"'(?:[^']|'')*'", "''", sql)
+    return re.search(rf"(?<![\w$]){re.escape(column)}(?![\w$])", code) is not None
 
 
 def _in_schema(sql: str, schema: str) -> str:
