@@ -96,7 +96,14 @@ def sync_engine(engine: Any) -> Engine:
 
 def in_memory(engine: Engine) -> bool:
     """Whether ``engine`` is an in-memory SQLite database (private to this process)."""
-    return engine.dialect.name == "sqlite" and engine.url.database in (None, "", ":memory:")
+    if engine.dialect.name != "sqlite":
+        return False
+    database = engine.url.database or ""
+    return (
+        database in ("", ":memory:")
+        or database.startswith("file::memory:")
+        or engine.url.query.get("mode") == "memory"
+    )
 
 
 def _own_pool(engine: Engine) -> Engine:
