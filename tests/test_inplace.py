@@ -129,6 +129,18 @@ def envelope_on(engine: sa.Engine, kms: LocalKms) -> Envelope:
     return envelope
 
 
+def binary_files(engine: sa.Engine) -> sa.Table:
+    """An empty table ``files (id, body)`` whose body is plaintext bytes."""
+    files = sa.Table(
+        "files",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("body", sa.LargeBinary),
+    )
+    files.create(engine)
+    return files
+
+
 def stop_after_a_batch(envelope: Envelope, engine: sa.Engine, **options: Any) -> None:
     """An encrypt_column of records.s interrupted after its first batch (shadow left filling)."""
 
@@ -754,14 +766,7 @@ def test_whether_a_binary_column_is_encrypted_is_decided_by_authentic_values(
     """Bytes that look like ours, or plaintext written around the library, decide nothing."""
     engine = make_engine(any_db_url)
     envelope = envelope_on(engine, local_kms)
-    metadata = sa.MetaData()
-    files = sa.Table(
-        "files",
-        metadata,
-        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
-        sa.Column("body", sa.LargeBinary),
-    )
-    metadata.create_all(engine)
+    files = binary_files(engine)
     lookalike = wire.header(wire.RANDOMIZED, 1) + os.urandom(40)  # an upload, not ours
     bodies = {i: lookalike if i <= 20 else f"upload {i}".encode() for i in range(1, 61)}
     with engine.begin() as conn:
@@ -902,13 +907,7 @@ def test_a_column_under_keys_the_keyring_lacks_is_refused(
     """Encrypted under another keyring (a configuration slip): neither done nor plaintext."""
     engine = make_engine(any_db_url)
     first = envelope_on(engine, local_kms)
-    metadata = sa.MetaData()
-    files = sa.Table(
-        "files", metadata,
-        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
-        sa.Column("body", sa.LargeBinary),
-    )  # fmt: skip
-    metadata.create_all(engine)
+    files = binary_files(engine)
     with engine.begin() as conn:
         conn.execute(files.insert(), [{"id": i, "body": b"secret %d" % i} for i in range(5)])
     encrypt_column(first, engine, "files", "body", Encrypted(sa.LargeBinary()))
