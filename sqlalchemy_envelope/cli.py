@@ -427,6 +427,9 @@ def keys_destroy(ctx: click.Context, key_id: int, force: bool) -> None:
     help="Rows per transaction.",
 )
 @click.option(
+    "--schema", default=None, metavar="NAME", help="TABLE's schema (default: the default one)."
+)
+@click.option(
     "--column",
     "columns",
     multiple=True,
@@ -434,7 +437,9 @@ def keys_destroy(ctx: click.Context, key_id: int, force: bool) -> None:
     help="Only this encrypted column (repeatable; default: found from the values).",
 )
 @click.pass_context
-def reencrypt(ctx: click.Context, table: str, batch_size: int, columns: tuple[str, ...]) -> None:
+def reencrypt(
+    ctx: click.Context, table: str, batch_size: int, schema: str | None, columns: tuple[str, ...]
+) -> None:
     """Move every value of TABLE's encrypted columns to its scope's active key.
 
     Batched and resumable: after an interruption, run the same command again.
@@ -446,8 +451,9 @@ def reencrypt(ctx: click.Context, table: str, batch_size: int, columns: tuple[st
     try:
         with settings.progress_bar(f"re-encrypting {table}", "rows") as progress:
             report = jobs.reencrypt(
-                envelope, table, batch_size=batch_size, progress=progress, columns=_columns(columns)
-            )
+                envelope, table, batch_size=batch_size, progress=progress,
+                columns=_columns(columns), schema=schema,
+            )  # fmt: skip
     except KeyboardInterrupt:
         click.echo("interrupted: run the same command again to finish the job", err=True)
         raise click.Abort() from None
@@ -459,6 +465,8 @@ def reencrypt(ctx: click.Context, table: str, batch_size: int, columns: tuple[st
         "changed by the application meanwhile (left as written)": getattr(
             report, "values_changed", 0
         ),
+        "left under their old key: each equals another row's value under a unique "
+        "constraint (resolve the duplicates, then run again)": getattr(report, "duplicates", 0),
     }
     for what, n in left.items():
         if n:
@@ -475,6 +483,9 @@ def reencrypt(ctx: click.Context, table: str, batch_size: int, columns: tuple[st
 @cli.command(short_help="Count TABLE's values per key; find plaintext, unreadable ones.")
 @click.argument("table")
 @click.option(
+    "--schema", default=None, metavar="NAME", help="TABLE's schema (default: the default one)."
+)
+@click.option(
     "--column",
     "columns",
     multiple=True,
@@ -483,7 +494,9 @@ def reencrypt(ctx: click.Context, table: str, batch_size: int, columns: tuple[st
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_context
-def verify(ctx: click.Context, table: str, columns: tuple[str, ...], as_json: bool) -> None:
+def verify(
+    ctx: click.Context, table: str, schema: str | None, columns: tuple[str, ...], as_json: bool
+) -> None:
     """Count TABLE's values per data key; find plaintext and unreadable values.
 
     Prints counts, never a value. Exits 1 when a value is plaintext or unreadable.
@@ -491,7 +504,7 @@ def verify(ctx: click.Context, table: str, columns: tuple[str, ...], as_json: bo
     envelope = _settings(ctx).envelope()
     from . import jobs
 
-    report = jobs.verify(envelope, table, columns=_columns(columns))
+    report = jobs.verify(envelope, table, columns=_columns(columns), schema=schema)
     by_key: dict[int, int] = dict(sorted(report.by_key.items()))
     causes: dict[str, int] = dict(getattr(report, "unreadable_by_cause", {}))
     per_column = _column_counts(report)

@@ -377,3 +377,29 @@ def test_console_script_and_light_import(console_script: Path) -> None:
     assert proc.stderr.strip() == (
         "sqlalchemy-envelope: the command line needs click: pip install 'sqlalchemy-envelope[cli]'"
     )
+
+
+def test_a_table_in_another_schema(pg_url: str, tmp_path: Path) -> None:
+    """--schema reaches a table outside the default schema, from the database alone."""
+    db = populate(pg_url, tmp_path / "master.key")
+    engine = sa.create_engine(pg_url)
+    schema = f"s_{os.urandom(6).hex()}"
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+            conn.execute(sa.text(f"CREATE TABLE {schema}.patients AS SELECT * FROM patients"))
+            conn.execute(sa.text(f"ALTER TABLE {schema}.patients ADD PRIMARY KEY (id)"))
+        expect(db.cli("verify", "patients", "--schema", schema), 0, "table patients", "ok")
+        old = active_key(db, "patients")
+        expect(db.cli("keys", "rotate", "patients"), 0)
+        moved = expect(db.cli("reencrypt", "patients", "--schema", schema), 0)
+        assert f"{PATIENTS} rows scanned" in moved.out
+        report = json.loads(
+            expect(db.cli("verify", "patients", "--schema", schema, "--json"), 0).out
+        )
+        assert str(old) not in report["by_key"]
+        expect(db.cli("verify", "patients", "--schema", "nope"), 1)
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+        engine.dispose()

@@ -82,12 +82,14 @@ def reencrypt(
     distributed: bool = False,
     chunk_rows: int | None = None,
     lease: float = 120.0,
+    schema: str | None = None,
 ) -> ReencryptReport:
     """Move every value of the table's encrypted columns that is not under its scope's active key.
 
     ``table_or_model`` is an ORM model, a ``Table`` or a table name (whose
     encrypted columns are found from the envelope's models or, failing that,
-    from the stored values; ``columns=`` names them explicitly). The table is
+    from the stored values; ``columns=`` names them explicitly; ``schema=`` is
+    the schema of a table given by name). The table is
     read from ``bind`` (default: the envelope's engine) in primary-key order,
     ``batch_size`` rows per transaction; ``progress(done, total)`` is called
     after each committed batch (``total`` is a ``COUNT(*)`` taken at the
@@ -117,7 +119,7 @@ def reencrypt(
     batch_size = check_batch_size(batch_size)
     bind = bind if bind is not None else envelope.engine
     with connect(bind) as conn, lanes(bind) as more:
-        target = resolve(envelope, conn, table_or_model, columns)
+        target = resolve(envelope, conn, table_or_model, columns, schema=schema)
         report = ReencryptReport(target.name)
         if not target.crypters:  # nothing encrypted yet
             return report
@@ -165,6 +167,7 @@ def verify(
     batch_size: int = 1000,
     progress: Progress | None = None,
     bind: Engine | Connection | None = None,
+    schema: str | None = None,
 ) -> VerifyReport:
     """Count the table's encrypted values per key id, and find plaintext and unreadable ones.
 
@@ -175,7 +178,9 @@ def verify(
     """
     batch_size = check_batch_size(batch_size)
     with connect(bind if bind is not None else envelope.engine) as conn:
-        target = resolve(envelope, conn, table_or_model, columns, unconverted_ok=True)
+        target = resolve(
+            envelope, conn, table_or_model, columns, schema=schema, unconverted_ok=True
+        )
         report = VerifyReport(
             target.name, columns={name: ColumnReport() for name in target.crypters}
         )

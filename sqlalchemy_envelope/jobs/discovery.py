@@ -56,17 +56,20 @@ def resolve(
     table_or_model: Any,
     columns: Sequence[str] | None = None,
     *,
+    schema: str | None = None,
     unconverted_ok: bool = False,
 ) -> Target:
     """The encrypted columns of ``table_or_model``: a model class, a ``Table`` or a table name.
 
-    ``unconverted_ok``: a table whose declared encrypted columns are all still
+    ``schema`` is the schema of a table given by name (a model or a ``Table``
+    says its own). ``unconverted_ok``: a table whose declared encrypted columns are all still
     plaintext is a target (with no crypters, see ``Target.unconverted``),
     not an error.
     """
     declared = _declared_table(table_or_model)
     if declared is None and isinstance(table_or_model, str) and envelope.metadata is not None:
-        declared = envelope.metadata.tables.get(table_or_model)
+        key = table_or_model if schema is None else f"{schema}.{table_or_model}"
+        declared = envelope.metadata.tables.get(key)
     name = declared.name if declared is not None else table_or_model
     if not isinstance(name, str) or not name:
         raise TypeError(
@@ -77,7 +80,8 @@ def resolve(
         isinstance(columns, str) or not all(isinstance(c, str) for c in columns)
     ):
         raise TypeError("columns must be a list of column names")
-    schema = declared.schema if declared is not None else None
+    if declared is not None:
+        schema = declared.schema
     with conn.begin():
         reflected = sa.Table(name, sa.MetaData(), schema=schema, autoload_with=conn)
         types = _declared_types(declared)
