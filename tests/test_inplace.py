@@ -923,3 +923,23 @@ def test_a_column_under_keys_the_keyring_lacks_is_refused(
     view = encrypted_view(files, first, ["body"])
     with engine.connect() as conn:  # untouched
         assert conn.execute(sa.select(view.c.body).where(view.c.id == 3)).scalar() == b"secret 3"
+
+
+def test_a_second_run_started_by_mistake_finds_the_job_done(
+    setup: tuple[Envelope, sa.Engine, sa.Table, list[tuple[Any, ...]]],
+) -> None:
+    """Two runs without distributed=True: the one that finds the column swapped says so."""
+    envelope, engine, table, before = setup
+    target = Encrypted(sa.String(40))
+    other: list[Any] = []
+
+    def meanwhile(done: int, total: int | None) -> None:
+        if not other:  # after this run's first batch, the other run does the whole job
+            other.append(encrypt_column(envelope, engine, "records", "s", target))
+
+    with engine.connect() as conn:
+        report = encrypt_column(
+            envelope, conn, "records", "s", target, batch_size=50, progress=meanwhile
+        )
+    assert other[0].swapped and report.already_done and not report.swapped
+    assert read(engine, encrypted_view(table, envelope, ["s"])) == before

@@ -267,10 +267,25 @@ class Conversion:
                 # A new shadow column: any earlier plan's finished ranges are void.
                 shared.run(table, pk, work, final, fresh=state == "added")
             else:
-                work(None, None, lambda: None)
-                final(lambda: None)
+                try:
+                    work(None, None, lambda: None)
+                    final(lambda: None)
+                except (sa.exc.DBAPIError, ConfigurationError):
+                    if not self._finished_elsewhere(conn):
+                        raise
+                    log.info("%s %s: another run finished the conversion", self.verb, where)
+                    report.already_done = True
         log.info("%s %s: finished (%d rows converted here)", self.verb, where, report.rows)
         return report
+
+    def _finished_elsewhere(self, conn: Connection) -> bool:
+        """After a failure: whether a run started at the same time swapped the column."""
+        if conn.in_transaction():
+            conn.rollback()
+        try:
+            return self._state(conn) == "done"
+        except (sa.exc.DBAPIError, ConfigurationError):
+            return False
 
     # -- the state, read from the schema ----------------------------------------------
     def _columns(self, conn: Connection, *, begin: bool = True) -> dict[str, Any]:
