@@ -405,7 +405,7 @@ def keys_destroy(ctx: click.Context, key_id: int, force: bool) -> None:
         return
     lost = {}
     if force and entry is not None:
-        lost = usage(envelope.engine, key_id, declared_schemas(envelope))
+        lost = usage(envelope.engine, key_id, declared_schemas(envelope)).counts
     try:
         envelope.destroy(key_id, force=force)
     except KeyInUseError as exc:

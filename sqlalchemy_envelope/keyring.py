@@ -131,9 +131,12 @@ def _own_pool(engine: Engine) -> Engine:
     )
 
 
-#: Per engine whose one connection the keyring shares: for each thread, the
-#: application's ``Connection`` while it is inside a transaction.
-_open: weakref.WeakKeyDictionary[Engine, dict[int, Connection]] = weakref.WeakKeyDictionary()
+#: Per engine whose one connection the keyring shares: the application's open
+#: transactions, by the connection they hold (see :func:`_slot`), as
+#: ``(thread, Connection)``.
+_open: weakref.WeakKeyDictionary[Engine, dict[int, tuple[int, Connection]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _track(engine: Engine) -> None:
@@ -151,36 +154,51 @@ def _track(engine: Engine) -> None:
 
     def begin(conn: Connection) -> None:
         if not in_keyring_io():
-            _open[conn.engine][threading.get_ident()] = conn
+            _open[conn.engine][_slot(conn.engine)] = (threading.get_ident(), conn)
 
     def end(conn: Connection) -> None:
-        held = _open[conn.engine]
-        if held.get(threading.get_ident()) is conn:
-            del held[threading.get_ident()]
+        held, slot = _open[conn.engine], _slot(conn.engine)
+        if slot in held and held[slot][1] is conn:
+            del held[slot]
 
     sa.event.listen(engine, "begin", begin)
     sa.event.listen(engine, "commit", end)
     sa.event.listen(engine, "rollback", end)
 
 
+def _slot(engine: Engine) -> int:
+    """Which connection: one per thread (``SingletonThreadPool``), else one for all."""
+    return threading.get_ident() if isinstance(engine.pool, sa.pool.SingletonThreadPool) else 0
+
+
 def _in_transaction(engine: Engine) -> Connection | None:
-    """The application's connection in a transaction on ``engine`` (shared), in this thread."""
+    """The application's connection in a transaction on ``engine`` (shared), if any."""
     held = _open.get(engine)
-    return None if not held else held.get(threading.get_ident())
+    entry = None if not held else held.get(_slot(engine))
+    if entry is None:
+        return None
+    thread, conn = entry
+    if thread != threading.get_ident():
+        raise ConfigurationError(
+            "the keyring shares the engine's one database connection (a StaticPool), and "
+            "another thread's transaction holds it: the keyring cannot use it without ending "
+            "that transaction; give each thread its own connection (the default pool)"
+        )
+    return conn
 
 
 @contextmanager
 def beginning(conn: Connection) -> Iterator[None]:
     """While ``conn``'s transaction begins, before it did anything, the keyring may end it."""
-    held = _open.get(conn.engine)
-    if held is None or held.get(threading.get_ident()) is not conn:
+    held, slot = _open.get(conn.engine), _slot(conn.engine)
+    if held is None or slot not in held or held[slot][1] is not conn:
         yield
         return
-    del held[threading.get_ident()]
+    entry = held.pop(slot)
     try:
         yield
     finally:
-        held[threading.get_ident()] = conn
+        held[slot] = entry
 
 
 #: How often a rotation that lost a race re-reads the active key before giving up.
@@ -245,8 +263,16 @@ class Keyring:
             _own_io.depth = getattr(_own_io, "depth", 0) + 1
             try:
                 yield app
+            except sa.exc.DBAPIError:
+                if self._table_exists(app):
+                    raise
+                missing = True
+            else:
+                missing = False
             finally:
                 _own_io.depth -= 1
+            if missing:
+                raise self._missing()
             return
         if self.engine.dialect.is_async and not _runtime.in_greenlet():
             raise ConfigurationError(
@@ -260,7 +286,10 @@ class Keyring:
                 try:
                     yield conn
                 except sa.exc.DBAPIError:
-                    if conn.invalidated or self._table_exists():
+                    if conn.invalidated:
+                        raise
+                    conn.rollback()
+                    if self._table_exists(conn):
                         raise
                     missing = True
                 else:
@@ -268,19 +297,22 @@ class Keyring:
         finally:
             _own_io.depth -= 1
         if missing:
-            name = self.table.name if self.table.schema is None else self.table.fullname
-            raise ConfigurationError(
-                f"the keyring table {name!r} does not exist on this database: create it "
-                "(metadata.create_all with the Envelope's MetaData, envelope.table.create"
-                "(engine), or op.create_keyring_table() in a migration)"
-            )
+            raise self._missing()
 
-    def _table_exists(self) -> bool:
-        """Checked on a connection of its own, outside the failed statement's transaction."""
-        if self.engine is self.data_engine:  # a shared connection: no second one to ask on
-            return True
-        with self.engine.connect() as conn:
+    def _table_exists(self, conn: Connection) -> bool:
+        """After a failed keyring statement; True when that cannot be told (the error stands)."""
+        try:
             return bool(sa.inspect(conn).has_table(self.table.name, self.table.schema))
+        except sa.exc.DBAPIError:  # an aborted transaction (PostgreSQL), a lost connection
+            return True
+
+    def _missing(self) -> ConfigurationError:
+        name = self.table.name if self.table.schema is None else self.table.fullname
+        return ConfigurationError(
+            f"the keyring table {name!r} does not exist on this database: create it "
+            "(metadata.create_all with the Envelope's MetaData, envelope.table.create"
+            "(engine), or op.create_keyring_table() in a migration)"
+        )
 
     def _select(self) -> sa.Select[Any]:
         t = self.table

@@ -10,7 +10,7 @@ import datetime as dt
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import sqlalchemy as sa
 
@@ -109,12 +109,18 @@ def destroy(envelope: Envelope, key_id: int, *, force: bool = False) -> None:
         log.info("data key %d of scope %r was already destroyed", key_id, row.scope)
         return
     if not force:
-        users = usage(keyring.data_engine, key_id, declared_schemas(envelope))
-        if users:
-            where = ", ".join(f"{t}.{c} ({n})" for (t, c), n in sorted(users.items()))
+        found = usage(keyring.data_engine, key_id, declared_schemas(envelope))
+        if found.counts:
+            where = ", ".join(f"{t}.{c} ({n})" for (t, c), n in sorted(found.counts.items()))
             raise KeyInUseError(
                 f"data key {key_id} of scope {row.scope!r} still encrypts values in {where}; "
                 "run reencrypt on those tables first, or pass force=True to shred them too"
+            )
+        if found.unsearched:
+            raise KeyInUseError(
+                f"data key {key_id} of scope {row.scope!r}: this connection may not read "
+                f"{', '.join(found.unsearched)}, where values could use it; search them "
+                "with a role that may, or pass force=True if none can"
             )
     keyring.destroy(key_id)
     envelope._forget(key_id=key_id, scope=row.scope)
@@ -127,15 +133,23 @@ def declared_schemas(envelope: Envelope) -> set[str]:
     return {t.schema for t in tables if t.schema is not None}
 
 
+class Usage(NamedTuple):
+    #: ``(table, column) -> values`` whose header names the key
+    counts: dict[tuple[str, str], int]
+    #: ``table.column`` the connection may not read
+    unsearched: list[str]
+
+
 def usage(
     engine: sa.engine.Engine, key_id: int, schemas: set[str] | frozenset[str] = frozenset()
-) -> dict[tuple[str, str], int]:
+) -> Usage:
     """How many values in each binary column carry ``key_id`` in their header.
 
     Looks in the default schema, in ``schemas`` and, on PostgreSQL, in every
     schema of the database but the system's (on MySQL a schema is another
     database, so only those named). Keys are ``(table, column)``, the table
-    qualified by its schema outside the default one.
+    qualified by its schema outside the default one. Columns the connection
+    may not read (a privilege error) are listed apart; any other error stands.
     """
     key_bytes = key_id.to_bytes(4, "big")
     counts: dict[tuple[str, str], int] = {}
@@ -150,7 +164,7 @@ def usage(
             }
         if inspector.default_schema_name in found:
             found.discard(inspector.default_schema_name)  # the same as None
-        unreadable = []
+        unsearched = []
         for schema in sorted(found, key=lambda s: s or ""):
             for table_name in inspector.get_table_names(schema=schema):
                 where = table_name if schema is None else f"{schema}.{table_name}"
@@ -174,17 +188,24 @@ def usage(
                     try:
                         with conn.begin_nested():
                             n = conn.execute(stmt).scalar_one()
-                    except sa.exc.DBAPIError:  # not ours to read (no privilege)
-                        unreadable.append(where)
-                        break
+                    except sa.exc.DBAPIError as exc:
+                        if not _denied(exc):
+                            raise
+                        unsearched.append(f"{where}.{name}")
+                        continue
                     if n:
                         counts[(where, name)] = n
-        if unreadable:
-            log.warning(
-                "data key %d: tables this connection may not read were not searched: %s",
-                key_id, ", ".join(unreadable),
-            )  # fmt: skip
-    return counts
+    return Usage(counts, unsearched)
+
+
+def _denied(exc: sa.exc.DBAPIError) -> bool:
+    """A privilege error: PostgreSQL's SQLSTATE 42501, MySQL's 1142 and 1143."""
+    orig = exc.orig
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if code is not None:
+        return bool(code == "42501")
+    args: tuple[object, ...] = tuple(getattr(orig, "args", ()))
+    return bool(args) and args[0] in (1142, 1143)
 
 
 _KEYRING_COLUMNS = frozenset({"scope", "state", "wrapped_key", "kms_key_id"})

@@ -224,3 +224,51 @@ def test_configure_again_leaves_no_earlier_key_manager_behind(tmp_path: Any) -> 
         envelope.configure(kms=LocalKms(b"k" * 32), engine=engine)
     managers = [m for m in events._sqlite_managers if m.keyring.data_engine is engine]
     assert managers == [envelope._keys()]
+
+
+def test_a_static_pool_refuses_keyring_io_from_another_threads_transaction(
+    tmp_path: Any,
+) -> None:
+    """One connection for every thread: another thread's keyring I/O would end this one's work."""
+    import threading
+
+    envelope = Envelope(sa.MetaData())
+    notes = _notes(envelope)
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'static.db'}", poolclass=sa.StaticPool)
+    notes.metadata.create_all(engine)
+    envelope.configure(kms=LocalKms(b"k" * 32), engine=engine)
+    seen: list[BaseException | None] = []
+    with engine.connect() as conn:
+        with conn.begin():
+            conn.execute(notes.insert().values(id=1, body="one"))
+
+            def other() -> None:
+                try:
+                    envelope.keys("notes")
+                    seen.append(None)
+                except ConfigurationError as exc:
+                    seen.append(exc)
+
+            thread = threading.Thread(target=other)
+            thread.start()
+            thread.join()
+        assert isinstance(seen[0], ConfigurationError)
+        assert "another thread's transaction" in str(seen[0])
+        assert _ids(conn, notes) == [1]
+
+
+def test_a_missing_keyring_table_is_named_on_an_in_memory_database() -> None:
+    envelope = Envelope(sa.MetaData(), table_name="no_such_keys")
+    notes = sa.Table(
+        "notes", sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("body", Encrypted(sa.String(50), envelope)),
+    )  # fmt: skip
+    engine = sa.create_engine("sqlite://")
+    notes.metadata.create_all(engine)  # the keyring's MetaData is not created
+    envelope.configure(kms=LocalKms(b"k" * 32), engine=engine)
+    missing = "'no_such_keys' does not exist"
+    with pytest.raises(ConfigurationError, match=missing):
+        envelope.keys()
+    with pytest.raises(ConfigurationError, match=missing), engine.begin() as conn:
+        conn.execute(notes.insert().values(id=1, body="one"))

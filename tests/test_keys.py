@@ -257,10 +257,10 @@ def test_destroy_searches_every_postgres_schema(
             conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
 
 
-def test_destroy_skips_what_the_role_may_not_read(
+def test_destroy_refuses_while_the_role_may_not_read_a_table(
     pg_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
 ) -> None:
-    """Another role's schema in the database is not the application's to search (or fail on)."""
+    """Another role's schema in the database: searched as far as the role may, then refused."""
     admin = make_engine(pg_url)
     role, other = f"r_{uuid.uuid4().hex[:12]}", f"o_{uuid.uuid4().hex[:12]}"
     schema = admin.url.query["options"].split("=")[-1]  # the test's fresh schema
@@ -278,11 +278,19 @@ def test_destroy_skips_what_the_role_may_not_read(
             conn.execute(table.insert().values(id=1, body="kept"))
         old = envelope.keys("notes")[0].id
         envelope.rotate("notes")
-        with pytest.raises(KeyInUseError, match=r"notes\.body \(1\)"):
-            envelope.destroy(old)  # searched what it may read, and found the value
+        with admin.begin() as conn:  # a table of another owner; the role may read two columns
+            conn.execute(sa.text("CREATE TABLE docs (id int PRIMARY KEY, photo bytea, ssn bytea)"))
+            conn.execute(sa.text("INSERT INTO docs SELECT id, NULL, body FROM notes"))
+            conn.execute(sa.text(f"GRANT SELECT (id, ssn) ON docs TO {role}"))
+        with pytest.raises(KeyInUseError, match=r"in docs\.ssn \(1\), notes\.body \(1\);"):
+            envelope.destroy(old)  # searched what it may read, and found the values
         with engine.begin() as conn:
             conn.execute(table.delete())
-        envelope.destroy(old)  # nothing left that it can see
+        with admin.begin() as conn:
+            conn.execute(sa.text("DROP TABLE docs"))
+        with pytest.raises(KeyInUseError, match=rf"may not read {other}\.secrets\.b,"):
+            envelope.destroy(old)  # nothing left that it can see, but it cannot see all
+        envelope.destroy(old, force=True)
         assert [k.state for k in envelope.keys("notes")] == ["destroyed", "active"]
     finally:
         with admin.begin() as conn:

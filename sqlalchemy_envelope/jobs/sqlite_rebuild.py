@@ -21,6 +21,7 @@ following SQLite's own procedure for altering a table
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -93,7 +94,7 @@ def rebuild(
                 drop.append(check["name"])
         elif not check["name"]:  # Alembic carries named ones itself, not unnamed ones
             keep.append(sa.CheckConstraint(sa.text(check["sqltext"])))
-    broken_before = _broken_references(conn, prefix) if check_foreign_keys else set()
+    broken_before = _broken_references(conn, prefix) if check_foreign_keys else Counter()
     legacy = conn.exec_driver_sql("PRAGMA legacy_alter_table").scalar()
     conn.exec_driver_sql("PRAGMA legacy_alter_table = ON")
     try:
@@ -120,20 +121,23 @@ def rebuild(
         broken = _broken_references(conn, prefix) - broken_before
         if broken:
             raise ConfigurationError(
-                f"{table}.{column}: after rebuilding the table, a row of {min(broken)[0]} no "
+                f"{table}.{column}: after rebuilding the table, a row of {min(broken)[0]!s} no "
                 "longer finds the row it references; nothing was swapped"
             )
 
 
-def _broken_references(conn: Connection, prefix: str) -> set[tuple[object, ...]]:
-    """Rows whose foreign key finds no parent (those that were so before do not count)."""
-    return {tuple(row) for row in conn.exec_driver_sql(f"PRAGMA {prefix}foreign_key_check")}
+def _broken_references(conn: Connection, prefix: str) -> Counter[tuple[object, ...]]:
+    """How many rows of each table and foreign key find no parent (by key, not by rowid:
+    a table without a rowid alias gets new rowids in the rebuild)."""
+    rows = conn.exec_driver_sql(f"PRAGMA {prefix}foreign_key_check")
+    return Counter((table, parent, fk) for table, _, parent, fk in rows)
 
 
 def mentions(sql: str, column: str) -> bool:
-    """Whether an expression's SQL names ``column`` (quoted or not; not inside a string)."""
+    """Whether an expression's SQL names ``column`` (quoted or not, any case; not in strings)."""
     code = re.sub(r"'(?:[^']|'')*'", "''", sql)
-    return re.search(rf"(?<![\w$]){re.escape(column)}(?![\w$])", code) is not None
+    found = re.search(rf"(?<![\w$]){re.escape(column)}(?![\w$])", code, re.IGNORECASE)
+    return found is not None
 
 
 def _in_schema(sql: str, schema: str) -> str:
