@@ -257,24 +257,7 @@ class Keyring:
     def connect(self) -> Iterator[Connection]:
         """A connection of the keyring's own (marked, so engine events can tell)."""
         app = _in_transaction(self.engine)
-        if app is not None:
-            # The one connection is in the application's transaction: read in it, and
-            # leave it open (no commit, no rollback, no return to the pool).
-            _own_io.depth = getattr(_own_io, "depth", 0) + 1
-            try:
-                yield app
-            except sa.exc.DBAPIError:
-                if self._table_exists(app):
-                    raise
-                missing = True
-            else:
-                missing = False
-            finally:
-                _own_io.depth -= 1
-            if missing:
-                raise self._missing()
-            return
-        if self.engine.dialect.is_async and not _runtime.in_greenlet():
+        if app is None and self.engine.dialect.is_async and not _runtime.in_greenlet():
             raise ConfigurationError(
                 "the keyring is on an asyncio engine, which can only be used from inside "
                 "SQLAlchemy's greenlet: call key lifecycle methods (rotate, keys, destroy, "
@@ -282,22 +265,30 @@ class Keyring:
             )
         _own_io.depth = getattr(_own_io, "depth", 0) + 1
         try:
-            with self.engine.connect() as conn:
-                try:
-                    yield conn
-                except sa.exc.DBAPIError:
-                    if conn.invalidated:
-                        raise
-                    conn.rollback()
-                    if self._table_exists(conn):
-                        raise
-                    missing = True
-                else:
-                    missing = False
+            if app is not None:
+                # The one connection is in the application's transaction: read in it,
+                # and leave it open (no commit, no rollback, no return to the pool).
+                yield from self._naming_a_missing_table(app, own=False)
+            else:
+                with self.engine.connect() as conn:
+                    yield from self._naming_a_missing_table(conn, own=True)
         finally:
             _own_io.depth -= 1
-        if missing:
-            raise self._missing()
+
+    def _naming_a_missing_table(self, conn: Connection, *, own: bool) -> Iterator[Connection]:
+        """Yield ``conn``; a statement that failed for want of the keyring table says so."""
+        try:
+            yield conn
+        except sa.exc.DBAPIError:
+            if conn.invalidated:
+                raise
+            if own:
+                conn.rollback()
+            if self._table_exists(conn):
+                raise
+        else:
+            return
+        raise self._missing()  # outside the handler: the driver's error is not chained
 
     def _table_exists(self, conn: Connection) -> bool:
         """After a failed keyring statement; True when that cannot be told (the error stands)."""
