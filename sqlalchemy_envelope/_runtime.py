@@ -23,6 +23,10 @@ in_greenlet: Callable[[], bool] = concurrency.in_greenlet
 _await: Callable[[Any], Any] = getattr(concurrency, "await_", None) or concurrency.await_only
 
 
+class WouldBlock(RuntimeError):
+    """Waiting would block the running event loop (outside SQLAlchemy's greenlet)."""
+
+
 def offload(fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)``, in a worker thread when called from an asyncio greenlet."""
     if in_greenlet():
@@ -40,7 +44,7 @@ def wait(future: concurrent.futures.Future[T]) -> T:
         return result
     if _loop_running():
         # Blocking here would stall the very loop that has to finish the load.
-        raise RuntimeError("a data key is being loaded by another task of this event loop")
+        raise WouldBlock("the result is being computed by another task of this event loop")
     return future.result()
 
 

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from . import wire
 from ._crypto import AuthenticationFailed, SealAll, column_cipher
 from .cache import clock
-from .errors import DecryptionError, KeyNotFoundError, where
+from .errors import DecryptionError, EnvelopeError, KeyNotFoundError, where
+from .keys import KeyOfAnotherScope
 
 if TYPE_CHECKING:
     from .envelope import Envelope
@@ -109,7 +110,9 @@ class ColumnCrypter:
             )
         algorithm, key_id = parsed
         try:
-            expires, key = self.envelope._keys().data_key(key_id)
+            expires, key = self.envelope._keys().data_key(key_id, self.scope)
+        except KeyOfAnotherScope:
+            error: EnvelopeError = self._unauthentic(key_id)  # as it would be with I/O
         except KeyNotFoundError as exc:  # also KeyDestroyedError: same type, naming the column
             error = type(exc)(f"{self.where()}: {exc}")
         else:
@@ -118,8 +121,12 @@ class ColumnCrypter:
 
     def for_lookup(self) -> list[Cipher]:
         """Deterministic ciphers under every readable key of the scope."""
-        keys = self.envelope._keys().readable_keys(self.scope)
-        return [self._cipher(self.algorithm, key, expires) for expires, key in keys]
+        return self._readable()[1]
+
+    def _readable(self) -> tuple[float, list[Cipher]]:
+        """``(listed_until, ciphers)`` under every readable key of the scope."""
+        listed_until, keys = self.envelope._keys().readable_keys(self.scope)
+        return listed_until, [self._cipher(self.algorithm, key, expires) for expires, key in keys]
 
     # -- bytes in, bytes out ---------------------------------------------------------
     def encrypt(self, plaintext: bytes) -> bytes:
@@ -131,10 +138,14 @@ class ColumnCrypter:
         try:
             return cipher.open(value)
         except AuthenticationFailed:
-            raise DecryptionError(
-                f"{self.where(cipher.key_id)}: the stored value did not authenticate "
-                "(tampered, truncated, moved from another column, or foreign)"
-            ) from None
+            pass
+        raise self._unauthentic(cipher.key_id)
+
+    def _unauthentic(self, key_id: int) -> DecryptionError:
+        return DecryptionError(
+            f"{self.where(key_id)}: the stored value did not authenticate "
+            "(tampered, truncated, moved from another column, or foreign)"
+        )
 
     def forget(self, key_id: int | None, scope: str | None) -> None:
         """Drop derived ciphers after a key changed (destroyed, rotated, re-wrapped)."""
@@ -151,5 +162,7 @@ class ColumnCrypter:
         """Load every readable key of the scope (used under asyncio, see ``events``)."""
         if self._warm_until > clock():
             return
-        ciphers = self.for_lookup()
-        self._warm_until = min((c.expires for c in ciphers), default=0.0)
+        listed_until, ciphers = self._readable()
+        # Until a key expires, or the listing does: a key rotated in another process
+        # is then loaded by the next statement.
+        self._warm_until = min([listed_until, *(c.expires for c in ciphers)])

@@ -65,8 +65,13 @@ class KeyManager:
         self.stats = stats
         self.cache: Cache[DataKey] = Cache(ttl=ttl, capacity=capacity, stats=stats)
         self.meta: Cache[Any] = Cache(ttl=min(ttl, refresh), capacity=capacity, stats=Stats())
-        #: Ids of destroyed keys seen in a scope's listing: known without I/O (asyncio rows).
-        self.destroyed: dict[int, str] = {}
+        #: Scope of every key seen in a listing, and which of them are destroyed:
+        #: known without I/O (rows of a plain AsyncConnection.execute, see data_key).
+        self.owners: dict[int, str] = {}
+        self.destroyed: set[int] = set()
+        #: Under asyncio one listing of the whole keyring serves every scope, so a
+        #: value naming any scope's key is told apart without I/O.
+        self._list_all = keyring.engine.dialect.is_async
 
     def __repr__(self) -> str:
         return f"KeyManager({self.keyring!r}, kms={self.kms!r})"
@@ -103,25 +108,45 @@ class KeyManager:
         return DataKey(row.id, row.scope, material)
 
     # -- lookups ---------------------------------------------------------------------
-    def data_key(self, key_id: int) -> tuple[float, DataKey]:
-        """``(expires_at, key)`` for a key id found in a stored value."""
+    def data_key(self, key_id: int, scope: str | None = None) -> tuple[float, DataKey]:
+        """``(expires_at, key)`` for a key id found in a stored value of ``scope``.
+
+        Raises :class:`KeyOfAnotherScope` only where no I/O is possible and the
+        listing says the key is another scope's; with I/O, such a key is
+        returned and the value fails to authenticate under it.
+        """
 
         def load() -> DataKey:
             if self.keyring.engine.dialect.is_async and not _runtime.in_greenlet():
-                # A row of a plain AsyncConnection.execute() is processed after its
-                # statement's greenlet ended: no I/O is possible. The keys the scope
-                # can read were loaded before the statement ran (events._prefetch_for_async).
-                if key_id in self.destroyed:
-                    raise _destroyed(key_id, self.destroyed[key_id])
-                raise KeyNotFoundError(
-                    f"data key {key_id} is not a readable key of the column's scope"
-                )
+                return self._known_without_io(key_id, scope)
             row = self.keyring.get(key_id)
             if row is None:
                 raise KeyNotFoundError(f"data key {key_id} is not in the keyring")
             return self._unwrap(row)
 
-        return self.cache.get_or_load(key_id, load)
+        try:
+            return self.cache.get_or_load(key_id, load)
+        except _runtime.WouldBlock:
+            pass  # raised outside the handler: nothing to chain
+        raise KeyNotFoundError(
+            f"data key {key_id} is being loaded by another task while this row is read "
+            "outside SQLAlchemy's greenlet; read it again, or through an AsyncSession"
+        )
+
+    def _known_without_io(self, key_id: int, scope: str | None) -> DataKey:
+        """A row of a plain AsyncConnection.execute() is processed after its statement's
+        greenlet ended: no I/O is possible. The keys its scope can read were loaded before
+        the statement ran (``events._prefetch_for_async``); what else the listing says
+        decides the error."""
+        owner = self.owners.get(key_id)
+        if key_id in self.destroyed:
+            raise _destroyed(key_id, self.owners[key_id])
+        if owner is not None and scope is not None and owner != scope:
+            raise KeyOfAnotherScope(f"data key {key_id} belongs to scope {owner!r}")
+        raise KeyNotFoundError(
+            f"data key {key_id} was not in the keyring when this process last read it "
+            "(keyring_refresh); if another process rotated the key since, read again"
+        )
 
     def active_key(self, scope: str) -> tuple[float, float, DataKey]:
         """``(expires_at, checked_until, key)``: the scope's active key, created once if missing.
@@ -140,21 +165,26 @@ class KeyManager:
         expires, key = self.data_key(key_id)
         return expires, checked_until, key
 
-    def readable_keys(self, scope: str) -> list[tuple[float, DataKey]]:
-        """Every key of the scope that can still decrypt (for deterministic lookups)."""
-        _, ids = self.meta.get_or_load(("scope", scope), lambda: self._readable_ids(scope))
+    def readable_keys(self, scope: str) -> tuple[float, list[tuple[float, DataKey]]]:
+        """``(listed_until, keys)``: every key of the scope that can still decrypt (for
+        deterministic lookups), and until when that listing is served from memory."""
+        listed = None if self._list_all else scope
+        listed_until, rows = self.meta.get_or_load(("scope", listed), lambda: self._listing(listed))
         keys = []
-        for key_id in ids:
+        for row in rows:
+            if row.scope != scope or row.state not in (ACTIVE, RETIRED):
+                continue
             try:
-                keys.append(self.data_key(key_id))
+                keys.append(self.data_key(row.id, scope))
             except KeyNotFoundError:
                 continue  # shredded since the list was read
-        return keys
+        return listed_until, keys
 
-    def _readable_ids(self, scope: str) -> tuple[int, ...]:
-        rows = self.keyring.rows(scope)
-        self.destroyed.update((r.id, r.scope) for r in rows if r.state == DESTROYED)
-        return tuple(r.id for r in rows if r.state in (ACTIVE, RETIRED))
+    def _listing(self, scope: str | None = None) -> tuple[KeyRow, ...]:
+        rows = tuple(self.keyring.rows(scope))
+        self.owners.update((r.id, r.scope) for r in rows)
+        self.destroyed.update(r.id for r in rows if r.state == DESTROYED)
+        return rows
 
     def prepare_scopes(self) -> None:
         """Create the first key of every declared scope that never had one (see ``events``)."""
@@ -178,7 +208,7 @@ class KeyManager:
         self.stats.add("keys_created")
         log.info("created data key %d for scope %r (kms key %s)", row.id, scope, row.kms_key_id)
         self.cache.put(row.id, DataKey(row.id, scope, generated.plaintext))
-        self.meta.discard(lambda entry: entry == ("scope", scope))
+        self.meta.discard(lambda entry: entry in (("scope", scope), ("scope", None)))
         return row.id
 
     # -- invalidation ----------------------------------------------------------------
@@ -187,7 +217,12 @@ class KeyManager:
 
         if key_id is not None:
             self.cache.discard(lambda entry: entry == key_id)
-        self.meta.discard(lambda entry: scope is None or entry[1] == scope)  # type: ignore[index]
+        self.meta.discard(lambda entry: scope is None or entry[1] in (scope, None))  # type: ignore[index]
+
+
+class KeyOfAnotherScope(KeyNotFoundError):
+    """A stored value names another scope's key (raised only where no I/O is possible:
+    the column turns it into the DecryptionError a moved value gets elsewhere)."""
 
 
 def _destroyed(key_id: int, scope: str) -> KeyDestroyedError:

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 
 from sqlalchemy_envelope import (
     ConfigurationError,
+    DecryptionError,
     KeyDestroyedError,
     KeyNotFoundError,
     KmsError,
@@ -254,5 +255,83 @@ def test_core_async_rows_under_a_destroyed_or_unknown_key_raise_our_errors(
             await conn.execute(raw.update().values(ssn=forged))
             with pytest.raises(KeyNotFoundError, match="4242"):
                 (await conn.execute(sa.select(patients.c.ssn))).all()
+
+    run(async_url, main)
+
+
+def test_core_async_reads_a_key_rotated_in_another_process(async_url: str) -> None:
+    """Within keyring_refresh, not cache_ttl: the prefetch re-reads the scope's keys
+    once its listing expires, so rows under a key made elsewhere decrypt."""
+
+    async def main() -> None:
+        app, elsewhere = build(keyring_refresh=0.2), build()  # two processes' envelopes
+        engine = create_async_engine(async_url)
+        try:
+            async with engine.begin() as conn:
+                await conn.run_sync(app.Base.metadata.create_all)
+            kms = LocalKms(os.urandom(32))
+            app.envelope.configure(kms=kms, engine=engine)
+            elsewhere.envelope.configure(kms=kms, engine=engine)
+            names = sa.select(app.Patient.__table__.c.name).order_by(app.Patient.__table__.c.id)
+            await add_patient(app, engine, 1)
+            async with engine.connect() as conn:  # this process now holds key 1 for cache_ttl
+                assert (await conn.execute(names)).scalars().all() == ["async-1"]
+            async with engine.connect() as conn:
+                await conn.run_sync(lambda _: elsewhere.envelope.rotate("patients"))
+            await add_patient(elsewhere, engine, 2)  # under the new key
+            await asyncio.sleep(0.3)
+            async with engine.connect() as conn:
+                assert (await conn.execute(names)).scalars().all() == ["async-1", "async-2"]
+        finally:
+            await engine.dispose()
+
+    asyncio.run(main())
+
+
+def test_core_async_value_moved_from_another_scope_is_decryption_error(async_url: str) -> None:
+    """As with I/O (test_tamper.py): the same DecryptionError, not a missing key."""
+
+    async def main(app: App, engine: AsyncEngine, kms: SlowKms) -> None:
+        await add_patient(app, engine, 1)
+        async with AsyncSession(engine) as s:
+            s.add(app.Doctor(id=1, name="dr-moved"))  # scope "staff", a key of its own
+            await s.commit()
+        async with engine.begin() as conn:
+            await conn.execute(
+                sa.text("UPDATE patients SET name = (SELECT name FROM doctors WHERE id = 1)")
+            )
+        app.envelope.configure(kms=kms, engine=engine)  # cold: the staff key never loaded
+        async with engine.connect() as conn:
+            with pytest.raises(DecryptionError, match="patients.name") as caught:
+                (await conn.execute(sa.select(app.Patient.__table__.c.name))).all()
+        assert "dr-moved" not in str(caught.value)
+
+    run(async_url, main)
+
+
+def test_a_key_another_task_is_loading_is_our_error_outside_the_greenlet(
+    async_url: str,
+) -> None:
+    """A row read outside SQLAlchemy's greenlet cannot wait for another task's unwrap
+    without blocking the loop that runs it: KeyNotFoundError saying so, not a RuntimeError."""
+
+    async def main(app: App, engine: AsyncEngine, kms: SlowKms) -> None:
+        await add_patient(app, engine, 1)
+        async with engine.connect() as conn:
+            raw = sa.table("patients", sa.column("name", sa.LargeBinary))
+            stored = (await conn.execute(sa.select(raw.c.name))).scalar_one()
+        app.envelope.configure(kms=kms, engine=engine)  # cold
+        crypter = app.Patient.__table__.c.name.type.crypter()
+
+        async def load_in_session() -> str:
+            async with AsyncSession(engine) as s:  # inside the greenlet: unwraps (1 s)
+                return (await s.get(app.Patient, 1)).name  # type: ignore[union-attr]
+
+        loading = asyncio.ensure_future(load_in_session())
+        await asyncio.sleep(DELAY / 2)
+        with pytest.raises(KeyNotFoundError, match="being loaded by another task"):
+            crypter.decrypt(stored)  # on the loop, outside any greenlet
+        assert await loading == "async-1"
+        assert crypter.decrypt(stored) == b"async-1"  # loaded now
 
     run(async_url, main)
