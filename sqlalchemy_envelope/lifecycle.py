@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, NamedTuple
 import sqlalchemy as sa
 
 from . import wire
-from .errors import KeyInUseError, KeyNotFoundError
-from .keyring import DESTROYED
-from .keys import DataKey
+from .errors import ConfigurationError, KeyInUseError, KeyNotFoundError, KmsError
+from .keyring import ACTIVE, DESTROYED, RETIRED
+from .keys import DataKey, KeyManager
 from .kms.base import KeyProvider, scope_context
 
 if TYPE_CHECKING:
@@ -48,13 +48,47 @@ def rotate(envelope: Envelope, scope: str) -> int:
     if not isinstance(scope, str) or not scope:
         raise ValueError("scope must be a non-empty string")
     manager = envelope._keys()
+    _check_rotation(manager, scope)
     generated = manager.call_kms(manager.kms.generate_data_key, scope_context(scope))
     row, old = manager.keyring.replace_active(scope, generated.wrapped, generated.kms_key_id)
     envelope._forget(scope=scope)
     manager.cache.put(row.id, DataKey(row.id, scope, generated.plaintext))
     manager.stats.add("keys_created")
-    log.info("rotated scope %r: key %d is active, key %s retired", scope, row.id, old)
+    retired = "its first key" if old is None else f"key {old} retired"
+    log.info("rotated scope %r: key %d is active, %s", scope, row.id, retired)
     return row.id
+
+
+def _check_rotation(manager: KeyManager, scope: str) -> None:
+    """Refuse a rotation that would leave the application unable to use the new key.
+
+    A mistyped scope would get a key of its own while the intended scope keeps
+    its old one; a KMS other than the application's (another master key file,
+    a CMK its role cannot use) would wrap the new key where the application
+    cannot unwrap it. The scope's newest live key must unwrap with this KMS.
+    """
+    rows = manager.keyring.rows(scope)
+    live = [r for r in rows if r.state in (ACTIVE, RETIRED)]
+    if not rows and scope not in manager.known_scopes():
+        known = sorted({r.scope for r in manager.keyring.rows()})
+        raise ConfigurationError(
+            f"scope {scope!r} has no keys, and no encrypted column of this envelope uses it: "
+            f"check the name (scopes in the keyring: {', '.join(map(repr, known)) or 'none'})"
+        )
+    if not live:
+        return
+    try:
+        manager.data_key(live[-1].id)
+    except KmsError as exc:
+        message = str(exc)
+    else:
+        return
+    raise ConfigurationError(
+        f"not rotating scope {scope!r}: this KMS cannot unwrap its current key "
+        f"{live[-1].id} ({message}), so the application, which can, might not unwrap "
+        "a key made by this one. Use the application's KMS or master key; to move to "
+        "another one, re-wrap every key first (envelope.rewrap / keys rewrap)"
+    )
 
 
 def rewrap(

@@ -276,9 +276,19 @@ def test_rewrap_local_to_aws(
     # From here on, only AWS: the endpoint from the environment, the key by alias or ARN.
     aws_env = {"AWS_ENDPOINT_URL": moto_server}
     expect(db.cli("verify", "patients", kms=f"aws:{cmk.alias}", env=aws_env), 0, "ok")
-    expect(db.cli("keys", "rotate", "visits", kms=f"aws:{cmk.arn}", env=aws_env), 0)
+    expect(db.cli("keys", "rotate", "patients", kms=f"aws:{cmk.arn}", env=aws_env), 0)
     kms = AwsKms(cmk.alias, endpoint_url=moto_server)
     assert db.read(kms) == expected_patients()
+
+
+def test_rotate_refuses_another_master_key_or_an_unknown_scope(db: Db, tmp_path: Path) -> None:
+    """Either would leave the application on its old key, or unable to unwrap the new one."""
+    old = active_key(db, "patients")
+    other = tmp_path / "other.key"
+    expect(cli("keys", "generate-master-key", str(other)), 0)
+    expect(db.cli("keys", "rotate", "patients", kms=f"local:{other}"), 1, "cannot unwrap", "rewrap")
+    expect(db.cli("keys", "rotate", "patient"), 1, "no keys", "'patients'")
+    assert active_key(db, "patients") == old and keyring(db, "patient") == {}
 
 
 # -- errors --------------------------------------------------------------------------------

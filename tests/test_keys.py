@@ -10,6 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from sqlalchemy_envelope import (
+    ConfigurationError,
     DecryptionError,
     Encrypted,
     Envelope,
@@ -298,3 +299,23 @@ def test_destroy_refuses_while_the_role_may_not_read_a_table(
             conn.execute(sa.text(f'REVOKE ALL ON SCHEMA "{schema}" FROM {role}'))
             conn.execute(sa.text(f"DROP OWNED BY {role}"))
             conn.execute(sa.text(f"DROP ROLE {role}"))
+
+
+def test_rotate_refuses_what_would_strand_the_application(
+    sqlite_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    """A mistyped scope would get a key while the real one kept its old key; another
+    master key would wrap a key the application cannot unwrap. Neither is written."""
+    envelope, table = _schema()
+    engine = make_engine(sqlite_url)
+    table.metadata.create_all(engine)
+    envelope.configure(kms=local_kms, engine=engine)
+    with pytest.raises(ConfigurationError, match=r"scope 'note' has no keys.*check the name"):
+        envelope.rotate("note")
+    first = envelope.rotate("notes")  # a declared scope: its first key, or a new one
+    wrong, _ = _schema()
+    wrong.configure(kms=LocalKms(bytes(range(32))), engine=engine)
+    with pytest.raises(ConfigurationError, match=r"cannot unwrap its current key.*re-wrap"):
+        wrong.rotate("notes")
+    assert [(k.id, k.state) for k in envelope.keys() if k.state == "active"] == [(first, "active")]
+    assert {k.scope for k in envelope.keys()} == {"notes"}
