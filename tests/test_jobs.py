@@ -435,3 +435,23 @@ def test_a_batch_of_large_values_is_written_in_several_statements(
     name_writes = [s for s in updates if s.startswith("UPDATE patients SET name")]
     assert len(name_writes) >= 8  # 40 values of ~330 bytes, twice (old and new): 2,000 each
     assert verify(a.envelope, a.Patient).columns["name"].by_key == {new: 40}
+
+
+def test_a_table_that_is_not_there_is_named_in_a_configuration_error(
+    sqlite_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    """As the command line says it: not SQLAlchemy's bare NoSuchTableError."""
+    from sqlalchemy_envelope.jobs import abandon_conversion, encrypt_column
+
+    a = build()
+    engine = make_engine(sqlite_url)
+    a.Base.metadata.create_all(engine)
+    a.envelope.configure(kms=local_kms, engine=engine)
+    with pytest.raises(ConfigurationError, match="no table named 'patient' in the database"):
+        a.envelope.verify("patient")
+    with pytest.raises(ConfigurationError, match="no table named 'patient' in the database"):
+        reencrypt(a.envelope, "patient")
+    with pytest.raises(ConfigurationError, match="no table named 'stuff' in the database"):
+        encrypt_column(a.envelope, engine, "stuff", "ssn", Encrypted(sa.String(11)))
+    with pytest.raises(ConfigurationError, match="no table named 'stuff' in the database"):
+        abandon_conversion(engine, "stuff", "ssn")

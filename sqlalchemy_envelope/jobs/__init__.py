@@ -37,6 +37,7 @@ from .batches import (
     check_batch_size,
     connect,
     count,
+    naming_missing_tables,
 )
 from .claims import SharedJob, job_name, jobs_table, jobs_table_name
 from .discovery import Target, resolve
@@ -71,6 +72,7 @@ __all__ = [
 log = logging.getLogger("sqlalchemy_envelope")
 
 
+@naming_missing_tables
 def reencrypt(
     envelope: Envelope,
     table_or_model: Any,
@@ -159,6 +161,7 @@ def reencrypt(
     return report
 
 
+@naming_missing_tables
 def verify(
     envelope: Envelope,
     table_or_model: Any,

@@ -12,23 +12,45 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import functools
 import json
 import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.elements import ColumnElement
+
+from ..errors import ConfigurationError
 
 Key = tuple[Any, ...]
 LOG_EVERY = 10.0  # seconds between INFO progress lines
 Progress = Callable[[int, "int | None"], None]
 
 log = logging.getLogger("sqlalchemy_envelope")
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def naming_missing_tables(job: Callable[P, T]) -> Callable[P, T]:
+    """A job's entry point: a table that is not there is a ConfigurationError saying so."""
+
+    @functools.wraps(job)
+    def run(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return job(*args, **kwargs)
+        except sa.exc.NoSuchTableError as exc:
+            name = exc.args[0] if exc.args else ""
+        raise ConfigurationError(
+            f"no table named {name!r} in the database: check the name and the schema"
+        )
+
+    return run
 
 
 def check_batch_size(batch_size: int) -> int:
@@ -53,11 +75,10 @@ def sqlite_write_lock(conn: Connection, table: str, schema: str | None, column: 
 def connect(bind: Engine | Connection) -> Iterator[Connection]:
     """A connection on which the job may begin and commit one transaction per batch."""
     if isinstance(bind, (Engine, Connection)) and bind.dialect.is_async:
-        from ..errors import ConfigurationError
-
         raise ConfigurationError(
-            "batch jobs run synchronously: pass bind= an Engine with a synchronous driver "
-            "(for example postgresql+psycopg:// rather than postgresql+asyncpg://)"
+            "batch jobs run synchronously, on a synchronous driver (postgresql+psycopg:// "
+            "rather than postgresql+asyncpg://): run them with the command line tool, or "
+            "from a script that configures the envelope with sqlalchemy.create_engine(...)"
         )
     if isinstance(bind, Engine):
         with bind.connect() as conn:

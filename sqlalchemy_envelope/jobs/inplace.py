@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from ..column import Encrypted
-from .batches import Progress
+from .batches import Progress, naming_missing_tables
 from .conversion import DECRYPTING, ENCRYPTING, Conversion, abandon
 from .reports import ColumnJobReport, ReencryptReport
 
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = ["abandon_conversion", "decrypt_column", "encrypt_column", "reencrypt_column"]
 
 
+@naming_missing_tables
 def encrypt_column(
     envelope: Envelope,
     bind: Engine | Connection,
@@ -67,6 +68,7 @@ def encrypt_column(
     )  # fmt: skip
 
 
+@naming_missing_tables
 def decrypt_column(
     envelope: Envelope,
     bind: Engine | Connection,
@@ -97,6 +99,7 @@ def decrypt_column(
     return job.run(envelope, bind, batch_size, progress, distributed, chunk_rows, lease, warm=None)
 
 
+@naming_missing_tables
 def abandon_conversion(
     bind: Engine | Connection, table_name: str, column_name: str, *, schema: str | None = None
 ) -> list[str]:
@@ -112,6 +115,7 @@ def abandon_conversion(
     return abandon(bind, table_name, column_name, schema)
 
 
+@naming_missing_tables
 def reencrypt_column(
     envelope: Envelope,
     bind: Engine | Connection,
