@@ -26,6 +26,7 @@ from sqlalchemy_envelope import (
     Encrypted,
     Envelope,
     LocalKms,
+    ValueTypeError,
     wire,
 )
 from sqlalchemy_envelope.jobs import (
@@ -708,13 +709,29 @@ def test_a_failing_batch_names_no_value(
     encrypt_column(envelope, engine, "records", "s", Encrypted(sa.String(40)))
     if engine.dialect.name == "sqlite":
         pytest.skip("SQLite does not enforce VARCHAR lengths")
-    with pytest.raises(sa.exc.DBAPIError) as failure:  # a plaintext type too narrow for the values
-        decrypt_column(envelope, engine, "records", "s", sa.String(5))
-    assert "secret" not in str(failure.value) and "parameters" not in str(failure.value)
+    with pytest.raises(ConfigurationError, match="refused a converted value") as failure:
+        decrypt_column(envelope, engine, "records", "s", sa.String(5))  # too narrow
+    assert "abandon_conversion(engine, 'records', 's')" in str(failure.value)
+    assert "secret" not in str(failure.value) and failure.value.__cause__ is None
+    # The corrected run cannot fill the narrow shadow column left behind: it says so.
+    with pytest.raises(ConfigurationError, match=r"s__envelope_plain is VARCHAR\(length=5\)"):
+        decrypt_column(envelope, engine, "records", "s", sa.String(40))
     # The encrypted column is untouched; abandoning the shadow and rerunning recovers.
     assert read(engine, encrypted_view(table, envelope, ["s"])) == before
     assert abandon_conversion(engine, "records", "s") == ["s__envelope_plain"]
     decrypt_column(envelope, engine, "records", "s", sa.String(40))
+    assert read(engine, table) == before
+
+
+def test_a_value_of_another_type_says_how_to_start_over(
+    setup: tuple[Envelope, sa.Engine, sa.Table, list[tuple[Any, ...]]],
+) -> None:
+    """Numeric values declared Encrypted(Integer): the error names the way back."""
+    envelope, engine, table, before = setup
+    with pytest.raises(ValueTypeError, match=r"expected int.*abandon_conversion") as failure:
+        encrypt_column(envelope, engine, "records", "n", Encrypted(sa.Integer()))
+    assert "Decimal(" not in str(failure.value)  # a type name, never a value
+    assert abandon_conversion(engine, "records", "n") == ["n__envelope"]
     assert read(engine, table) == before
 
 

@@ -37,7 +37,13 @@ from sqlalchemy.schema import CreateColumn
 
 from .. import wire
 from ..column import Encrypted
-from ..errors import ConfigurationError, DecryptionError, KeyDestroyedError, KeyNotFoundError
+from ..errors import (
+    ConfigurationError,
+    DecryptionError,
+    KeyDestroyedError,
+    KeyNotFoundError,
+    ValueTypeError,
+)
 from . import trigger
 from .batches import (
     Key,
@@ -195,6 +201,7 @@ class Conversion:
                 report.already_done = True
                 log.info("%s %s: already done", self.verb, where)
                 return report
+            self._check_shadow_type(table.c[self.shadow].type)
             pk = primary_key(table)
             src, dst = table.c[self.column], table.c[self.shadow]
             todo = (dst.is_(None), src.is_not(None))
@@ -270,11 +277,26 @@ class Conversion:
                 try:
                     work(None, None, lambda: None)
                     final(lambda: None)
+                except sa.exc.DataError as exc:
+                    refused = type(exc.orig).__name__  # not its text: it may quote a value
+                    if not self._finished_elsewhere(conn):
+                        raise ConfigurationError(
+                            f"{where}: the database refused a converted value ({refused}); "
+                            f"{self._start_over}"
+                        ) from None
+                    log.info("%s %s: another run finished the conversion", self.verb, where)
+                    report.already_done = True
                 except (sa.exc.DBAPIError, ConfigurationError):
                     if not self._finished_elsewhere(conn):
                         raise
                     log.info("%s %s: another run finished the conversion", self.verb, where)
                     report.already_done = True
+                except (ValueTypeError, sa.exc.StatementError) as exc:
+                    bad = exc.orig if isinstance(exc, sa.exc.StatementError) else exc
+                    if not isinstance(bad, ValueTypeError):
+                        raise
+                    # A value of another type than declared: the message names types only.
+                    raise ValueTypeError(f"{bad}; {self._start_over}") from None
         log.info("%s %s: finished (%d rows converted here)", self.verb, where, report.rows)
         return report
 
@@ -286,6 +308,30 @@ class Conversion:
             return self._state(conn) == "done"
         except (sa.exc.DBAPIError, ConfigurationError):
             return False
+
+    @property
+    def _start_over(self) -> str:
+        return (
+            "to run it with another type, first drop the unfinished conversion with "
+            "sqlalchemy_envelope.jobs.abandon_conversion(engine, "
+            f"{self.table!r}, {self.column!r})"
+        )
+
+    def _check_shadow_type(self, found: sa.types.TypeEngine[Any]) -> None:
+        """A resumed run must fill the shadow column with the type it asks for: one
+        left by a run with a too narrow string type would refuse every long value again."""
+        wanted = self.shadow_type
+        lengths = getattr(found, "length", None), getattr(wanted, "length", None)
+        if (
+            isinstance(found, sa.String)
+            and isinstance(wanted, sa.String)
+            and all(isinstance(n, int) for n in lengths)
+            and lengths[0] != lengths[1]
+        ):
+            raise ConfigurationError(
+                f"{self.table}.{self.column}: the unfinished conversion's {self.shadow} is "
+                f"{found!r}, this run asks for {wanted!r}; {self._start_over}"
+            )
 
     # -- the state, read from the schema ----------------------------------------------
     def _columns(self, conn: Connection, *, begin: bool = True) -> dict[str, Any]:
