@@ -524,7 +524,8 @@ def verify(
     else:
         states = {k.id: k.state for k in envelope.keys(scope=None)}
         rows = getattr(report, "rows", None)
-        click.echo(f"table {report.table}" + (f" ({rows} rows)" if rows is not None else ""))
+        counted = "" if rows is None else f" ({rows} row{'' if rows == 1 else 's'})"
+        click.echo(f"table {report.table}{counted}")
         for key_id, n in by_key.items():
             state = states.get(key_id, "not in keyring")
             click.echo(f"  key {key_id} ({state}): {n} values")

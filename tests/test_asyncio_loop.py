@@ -302,7 +302,7 @@ def test_core_async_value_moved_from_another_scope_is_decryption_error(async_url
             )
         app.envelope.configure(kms=kms, engine=engine)  # cold: the staff key never loaded
         async with engine.connect() as conn:
-            with pytest.raises(DecryptionError, match="patients.name") as caught:
+            with pytest.raises(DecryptionError, match=r"patients\.name") as caught:
                 (await conn.execute(sa.select(app.Patient.__table__.c.name))).all()
         assert "dr-moved" not in str(caught.value)
 
