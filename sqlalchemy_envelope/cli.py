@@ -305,7 +305,15 @@ def keys() -> None:
 @click.pass_context
 def keys_list(ctx: click.Context, scope: str | None, as_json: bool) -> None:
     """List the keyring (never key material). Needs no KMS."""
-    entries = _settings(ctx).envelope(need_kms=False).keys(scope)
+    envelope = _settings(ctx).envelope(need_kms=False)
+    entries = envelope.keys(scope)
+    if scope is not None and not entries:  # on stderr: the listing itself stays parseable
+        known = sorted({k.scope for k in envelope.keys()})
+        click.echo(
+            f"no keys in scope {scope!r} (scopes in the keyring: "
+            f"{', '.join(map(repr, known)) or 'none'})",
+            err=True,
+        )
     if as_json:
         for k in entries:
             click.echo(

@@ -289,6 +289,8 @@ def test_rotate_refuses_another_master_key_or_an_unknown_scope(db: Db, tmp_path:
     expect(db.cli("keys", "rotate", "patients", kms=f"local:{other}"), 1, "cannot unwrap", "rewrap")
     expect(db.cli("keys", "rotate", "patient"), 1, "no keys", "'patients'")
     assert active_key(db, "patients") == old and keyring(db, "patient") == {}
+    listed = expect(db.cli("keys", "list", "--scope", "patient", kms=None), 0)
+    assert "no keys in scope 'patient'" in listed.err and "'patients'" in listed.err
 
 
 # -- errors --------------------------------------------------------------------------------

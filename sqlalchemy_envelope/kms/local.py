@@ -32,8 +32,8 @@ _WRAP_INFO: Final = b"sqlalchemy-envelope/local-kms/wrap/v1"
 _FINGERPRINT_INFO: Final = b"sqlalchemy-envelope/local-kms/fingerprint/v1"
 _AAD_LABEL: Final = b"sqlalchemy-envelope/local-kms/v1\x00"
 _GENERATE_HINT: Final = (
-    'generate one with: python -c "import base64,os;'
-    'print(base64.b64encode(os.urandom(32)).decode())"'
+    "generate one with: sqlalchemy-envelope keys generate-master-key PATH "
+    '(or python -c "import base64,os;print(base64.b64encode(os.urandom(32)).decode())")'
 )
 # How long a losing ``from_file(create=True)`` waits for the winner to finish writing.
 _CREATE_RACE_WAIT: Final = 2.0
