@@ -150,8 +150,12 @@ def _create_keyring(context: MigrationContext, revision: Any, op: ops.CreateTabl
 
 
 @process_revision_directives.rewrites(ops.CreateIndexOp)
-def _keyring_index(context: MigrationContext, revision: Any, op: ops.CreateIndexOp) -> Any:
-    # create_keyring_table creates the keyring's indexes too.
+@process_revision_directives.rewrites(ops.DropIndexOp)
+def _keyring_index(
+    context: MigrationContext, revision: Any, op: ops.CreateIndexOp | ops.DropIndexOp
+) -> Any:
+    # create_keyring_table creates the keyring's indexes too, and drop_keyring_table
+    # drops them: a revision that creates the table leaves them out, both ways.
     envelope = registered_envelope(context)
     if envelope is None or op.table_name != envelope.table.name or context.connection is None:
         return op

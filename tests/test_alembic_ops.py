@@ -244,8 +244,12 @@ def test_autogenerate_renders_encrypted_columns_that_run(
         # What `alembic revision --autogenerate` does with the hook, and then renders.
         envelope_alembic.process_revision_directives(context, ("head",), [script])
         upgrade = render_python_code(script.upgrade_ops, render_item=envelope_alembic.render_item)
+        downgrade = render_python_code(
+            script.downgrade_ops, render_item=envelope_alembic.render_item
+        )
         imports = rendered_imports(context, script.upgrade_ops)
-    assert "op.create_keyring_table()" in upgrade
+    assert "op.create_keyring_table()" in upgrade and "op.drop_keyring_table()" in downgrade
+    assert "envelope_data_keys_scope" not in upgrade + downgrade  # its index comes with it
     assert "sqlalchemy_envelope.Encrypted(sa.String(length=120), deterministic=True)" in upgrade
     assert "sqlalchemy_envelope.Encrypted(sa.Date(), scope='dates')" in upgrade
     assert {"import sqlalchemy_envelope", "import sqlalchemy_envelope.alembic"} <= imports
