@@ -44,11 +44,11 @@ def keys(envelope: Envelope, scope: str | None = None) -> list[KeyInfo]:
     ]
 
 
-def rotate(envelope: Envelope, scope: str) -> int:
+def rotate(envelope: Envelope, scope: str, *, new_scope: bool = False) -> int:
     if not isinstance(scope, str) or not scope:
         raise ValueError("scope must be a non-empty string")
     manager = envelope._keys()
-    _check_rotation(manager, scope)
+    _check_rotation(manager, scope, new_scope)
     generated = manager.call_kms(manager.kms.generate_data_key, scope_context(scope))
     row, old = manager.keyring.replace_active(scope, generated.wrapped, generated.kms_key_id)
     envelope._forget(scope=scope)
@@ -59,33 +59,54 @@ def rotate(envelope: Envelope, scope: str) -> int:
     return row.id
 
 
-def _check_rotation(manager: KeyManager, scope: str) -> None:
-    """Refuse a rotation that would leave the application unable to use the new key.
+#: KMS answers that mean "not with this key", as opposed to a failure worth retrying.
+_WRONG_KEY = frozenset(
+    {"IncorrectKeyException", "InvalidCiphertextException", "AccessDeniedException"}
+)
+
+
+def _check_rotation(manager: KeyManager, scope: str, new_scope: bool) -> None:
+    """Refuse a rotation that would leave the application on its old key, or unable to
+    unwrap the new one.
 
     A mistyped scope would get a key of its own while the intended scope keeps
-    its old one; a KMS other than the application's (another master key file,
-    a CMK its role cannot use) would wrap the new key where the application
-    cannot unwrap it. The scope's newest live key must unwrap with this KMS.
+    its old one: a scope without keys must be one a column uses, or asked for
+    (``new_scope``). A KMS key other than the one that wrapped the scope's
+    current key (another master key file, another CMK) wraps the new key
+    where the application may not unwrap it: refused when this KMS cannot
+    unwrap the current key either, logged as a warning when it can (an alias
+    moved to a new CMK that the application may use as well).
     """
     rows = manager.keyring.rows(scope)
-    live = [r for r in rows if r.state in (ACTIVE, RETIRED)]
-    if not rows and scope not in manager.known_scopes():
+    if not rows and not new_scope and scope not in manager.known_scopes():
         known = sorted({r.scope for r in manager.keyring.rows()})
         raise ConfigurationError(
             f"scope {scope!r} has no keys, and no encrypted column of this envelope uses it: "
-            f"check the name (scopes in the keyring: {', '.join(map(repr, known)) or 'none'})"
+            f"check the name (scopes in the keyring: {', '.join(map(repr, known)) or 'none'}); "
+            "to give a new scope its first key, ask for a new scope (keys rotate --new-scope)"
         )
-    if not live:
+    live = [r for r in rows if r.state in (ACTIVE, RETIRED)]
+    if not live or manager.call_kms(manager.kms.owns, live[-1].kms_key_id):
         return
+    current = live[-1]
     try:
-        manager.data_key(live[-1].id)
+        manager.data_key(current.id)
     except KmsError as exc:
-        message = str(exc)
+        if exc.code not in _WRONG_KEY:
+            raise  # unreachable or throttled: worth retrying as it is
+        refusal = str(exc)
     else:
+        log.warning(
+            "rotating scope %r under another KMS key than its current key %d (%s): "
+            "the application must be able to unwrap keys under both",
+            scope,
+            current.id,
+            current.kms_key_id,
+        )
         return
     raise ConfigurationError(
         f"not rotating scope {scope!r}: this KMS cannot unwrap its current key "
-        f"{live[-1].id} ({message}), so the application, which can, might not unwrap "
+        f"{current.id} ({refusal}), so the application, which can, might not unwrap "
         "a key made by this one. Use the application's KMS or master key; to move to "
         "another one, re-wrap every key first (envelope.rewrap / keys rewrap)"
     )

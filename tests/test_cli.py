@@ -276,7 +276,9 @@ def test_rewrap_local_to_aws(
     # From here on, only AWS: the endpoint from the environment, the key by alias or ARN.
     aws_env = {"AWS_ENDPOINT_URL": moto_server}
     expect(db.cli("verify", "patients", kms=f"aws:{cmk.alias}", env=aws_env), 0, "ok")
-    expect(db.cli("keys", "rotate", "patients", kms=f"aws:{cmk.arn}", env=aws_env), 0)
+    rotate = ("keys", "rotate", "visits")  # no keys yet: a new scope, asked for as one
+    expect(db.cli(*rotate, kms=f"aws:{cmk.arn}", env=aws_env), 1, "--new-scope")
+    expect(db.cli(*rotate, "--new-scope", kms=f"aws:{cmk.arn}", env=aws_env), 0)
     kms = AwsKms(cmk.alias, endpoint_url=moto_server)
     assert db.read(kms) == expected_patients()
 

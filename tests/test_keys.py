@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import pytest
 import sqlalchemy as sa
@@ -17,6 +17,7 @@ from sqlalchemy_envelope import (
     KeyDestroyedError,
     KeyInUseError,
     KeyNotFoundError,
+    KmsError,
     LocalKms,
 )
 from sqlalchemy_envelope.cache import Cache, Stats
@@ -319,3 +320,13 @@ def test_rotate_refuses_what_would_strand_the_application(
         wrong.rotate("notes")
     assert [(k.id, k.state) for k in envelope.keys() if k.state == "active"] == [(first, "active")]
     assert {k.scope for k in envelope.keys()} == {"notes"}
+
+    class Throttled(LocalKms):  # another master key, and a KMS that cannot answer now
+        def unwrap(self, wrapped: bytes, context: Mapping[str, str], kms_key_id: str) -> bytes:
+            raise KmsError("throttled", code="ThrottlingException")
+
+    busy, _ = _schema()
+    busy.configure(kms=Throttled(bytes(range(32))), engine=engine)
+    with pytest.raises(KmsError, match="throttled"):  # not a refusal: worth retrying as is
+        busy.rotate("notes")
+    assert [k.id for k in envelope.keys() if k.state == "active"] == [first]
