@@ -712,7 +712,8 @@ def test_a_failing_batch_names_no_value(
     with pytest.raises(ConfigurationError, match="refused a converted value") as failure:
         decrypt_column(envelope, engine, "records", "s", sa.String(5))  # too narrow
     assert "abandon_conversion(engine, 'records', 's')" in str(failure.value)
-    assert "secret" not in str(failure.value) and failure.value.__cause__ is None
+    assert "secret" not in str(failure.value)
+    assert failure.value.__cause__ is None and failure.value.__context__ is None
     # The corrected run cannot fill the narrow shadow column left behind: it says so.
     with pytest.raises(ConfigurationError, match=r"s__envelope_plain is VARCHAR\(length=5\)"):
         decrypt_column(envelope, engine, "records", "s", sa.String(40))
@@ -731,6 +732,7 @@ def test_a_value_of_another_type_says_how_to_start_over(
     with pytest.raises(ValueTypeError, match=r"expected int.*abandon_conversion") as failure:
         encrypt_column(envelope, engine, "records", "n", Encrypted(sa.Integer()))
     assert "Decimal(" not in str(failure.value)  # a type name, never a value
+    assert failure.value.__context__ is None
     assert abandon_conversion(engine, "records", "n") == ["n__envelope"]
     assert read(engine, table) == before
 
@@ -960,3 +962,29 @@ def test_a_second_run_started_by_mistake_finds_the_job_done(
         )
     assert other[0].swapped and report.already_done and not report.swapped
     assert read(engine, encrypted_view(table, envelope, ["s"])) == before
+
+
+def test_decrypt_to_a_native_enum_declared_with_a_length(
+    pg_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    """A native ENUM reads back without the length it was declared with: that is not
+    a leftover shadow column of another type, and the conversion goes through."""
+    engine = make_engine(pg_url)
+    envelope = envelope_on(engine, local_kms)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE IF EXISTS levels")
+        conn.exec_driver_sql("DROP TYPE IF EXISTS lvl")
+        conn.exec_driver_sql("CREATE TYPE lvl AS ENUM ('a', 'bb')")
+        conn.exec_driver_sql("CREATE TABLE levels (id int PRIMARY KEY, s varchar(10))")
+        conn.exec_driver_sql("INSERT INTO levels VALUES (1, 'a'), (2, 'bb')")
+    as_text = sa.Enum("a", "bb", name="lvl", native_enum=False)
+    encrypt_column(envelope, engine, "levels", "s", Encrypted(as_text))
+    native = sa.Enum("a", "bb", name="lvl", length=50)
+    assert decrypt_column(envelope, engine, "levels", "s", native).swapped
+    with engine.begin() as conn:
+        assert conn.exec_driver_sql("SELECT s::text FROM levels ORDER BY id").scalars().all() == [
+            "a",
+            "bb",
+        ]
+        conn.exec_driver_sql("DROP TABLE levels")
+        conn.exec_driver_sql("DROP TYPE lvl")

@@ -201,7 +201,8 @@ class Conversion:
                 report.already_done = True
                 log.info("%s %s: already done", self.verb, where)
                 return report
-            self._check_shadow_type(table.c[self.shadow].type)
+            if state != "added":  # resumed: the shadow column may be an earlier run's
+                self._check_shadow_type(table.c[self.shadow].type)
             pk = primary_key(table)
             src, dst = table.c[self.column], table.c[self.shadow]
             todo = (dst.is_(None), src.is_not(None))
@@ -262,6 +263,7 @@ class Conversion:
                     )
                     report.swapped = True
 
+            failure: Exception | None = None
             if distributed:
                 jobs = jobs_table(jobs_table_name(envelope), self.schema)
                 shared = SharedJob(
@@ -271,32 +273,28 @@ class Conversion:
                     chunk_rows=chunk_rows or 10 * batch_size,
                     lease=lease,
                 )
-                # A new shadow column: any earlier plan's finished ranges are void.
-                shared.run(table, pk, work, final, fresh=state == "added")
+                try:
+                    # A new shadow column: any earlier plan's finished ranges are void.
+                    shared.run(table, pk, work, final, fresh=state == "added")
+                except (sa.exc.StatementError, ValueTypeError) as exc:
+                    failure = self._explained(exc)
+                    if failure is None:
+                        raise
             else:
                 try:
                     work(None, None, lambda: None)
                     final(lambda: None)
-                except sa.exc.DataError as exc:
-                    refused = type(exc.orig).__name__  # not its text: it may quote a value
-                    if not self._finished_elsewhere(conn):
-                        raise ConfigurationError(
-                            f"{where}: the database refused a converted value ({refused}); "
-                            f"{self._start_over}"
-                        ) from None
-                    log.info("%s %s: another run finished the conversion", self.verb, where)
-                    report.already_done = True
-                except (sa.exc.DBAPIError, ConfigurationError):
-                    if not self._finished_elsewhere(conn):
-                        raise
-                    log.info("%s %s: another run finished the conversion", self.verb, where)
-                    report.already_done = True
-                except (ValueTypeError, sa.exc.StatementError) as exc:
-                    bad = exc.orig if isinstance(exc, sa.exc.StatementError) else exc
-                    if not isinstance(bad, ValueTypeError):
-                        raise
-                    # A value of another type than declared: the message names types only.
-                    raise ValueTypeError(f"{bad}; {self._start_over}") from None
+                except (sa.exc.StatementError, ValueTypeError, ConfigurationError) as exc:
+                    elsewhere = isinstance(exc, (sa.exc.DBAPIError, ConfigurationError))
+                    if elsewhere and self._finished_elsewhere(conn):
+                        log.info("%s %s: another run finished the conversion", self.verb, where)
+                        report.already_done = True
+                    else:
+                        failure = self._explained(exc)
+                        if failure is None:
+                            raise
+            if failure is not None:  # raised here, outside the handler: nothing rides along
+                raise failure
         log.info("%s %s: finished (%d rows converted here)", self.verb, where, report.rows)
         return report
 
@@ -317,14 +315,26 @@ class Conversion:
             f"{self.table!r}, {self.column!r})"
         )
 
+    def _explained(self, exc: Exception) -> Exception | None:
+        """The error for a value the conversion cannot write, saying how to start over
+        (None for other failures). Names classes and types only, never a value."""
+        if isinstance(exc, sa.exc.DataError):  # not its text: it may quote the value
+            return ConfigurationError(
+                f"{self.table}.{self.column}: the database refused a converted value "
+                f"({type(exc.orig).__name__}); {self._start_over}"
+            )
+        bad = exc.orig if isinstance(exc, sa.exc.StatementError) else exc
+        if isinstance(bad, ValueTypeError):  # a value of another type than declared
+            return ValueTypeError(f"{bad}; {self._start_over}")
+        return None
+
     def _check_shadow_type(self, found: sa.types.TypeEngine[Any]) -> None:
         """A resumed run must fill the shadow column with the type it asks for: one
         left by a run with a too narrow string type would refuse every long value again."""
         wanted = self.shadow_type
         lengths = getattr(found, "length", None), getattr(wanted, "length", None)
         if (
-            isinstance(found, sa.String)
-            and isinstance(wanted, sa.String)
+            all(isinstance(t, sa.String) and not isinstance(t, sa.Enum) for t in (found, wanted))
             and all(isinstance(n, int) for n in lengths)
             and lengths[0] != lengths[1]
         ):
