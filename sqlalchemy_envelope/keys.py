@@ -7,6 +7,7 @@ coalesce into one call.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,6 +73,9 @@ class KeyManager:
         #: Under asyncio one listing of the whole keyring serves every scope, so a
         #: value naming any scope's key is told apart without I/O.
         self._list_all = keyring.engine.dialect.is_async
+        #: Numbers key changes (created, forgotten): a listing read across one is stale.
+        self._numbering = itertools.count(1)
+        self._changes = 0
 
     def __repr__(self) -> str:
         return f"KeyManager({self.keyring!r}, kms={self.kms!r})"
@@ -143,6 +147,11 @@ class KeyManager:
             raise _destroyed(key_id, self.owners[key_id])
         if owner is not None and scope is not None and owner != scope:
             raise KeyOfAnotherScope(f"data key {key_id} belongs to scope {owner!r}")
+        if owner is not None:
+            raise KeyNotFoundError(
+                f"data key {key_id} was not loaded before this row was read outside "
+                "SQLAlchemy's greenlet (the key cache let it go); read it again"
+            )
         raise KeyNotFoundError(
             f"data key {key_id} was not in the keyring when this process last read it "
             "(keyring_refresh); if another process rotated the key since, read again"
@@ -169,7 +178,11 @@ class KeyManager:
         """``(listed_until, keys)``: every key of the scope that can still decrypt (for
         deterministic lookups), and until when that listing is served from memory."""
         listed = None if self._list_all else scope
-        listed_until, rows = self.meta.get_or_load(("scope", listed), lambda: self._listing(listed))
+        entry = ("scope", listed)
+        listed_until, (changes, rows) = self.meta.get_or_load(entry, lambda: self._listing(listed))
+        if changes != self._changes:  # a key changed while it was read: read it again
+            self.meta.discard(lambda e: e == entry)
+            listed_until, (_, rows) = self.meta.get_or_load(entry, lambda: self._listing(listed))
         keys = []
         for row in rows:
             if row.scope != scope or row.state not in (ACTIVE, RETIRED):
@@ -180,11 +193,12 @@ class KeyManager:
                 continue  # shredded since the list was read
         return listed_until, keys
 
-    def _listing(self, scope: str | None = None) -> tuple[KeyRow, ...]:
+    def _listing(self, scope: str | None) -> tuple[int, tuple[KeyRow, ...]]:
+        changes = self._changes
         rows = tuple(self.keyring.rows(scope))
         self.owners.update((r.id, r.scope) for r in rows)
         self.destroyed.update(r.id for r in rows if r.state == DESTROYED)
-        return rows
+        return changes, rows
 
     def prepare_scopes(self) -> None:
         """Create the first key of every declared scope that never had one (see ``events``)."""
@@ -208,6 +222,7 @@ class KeyManager:
         self.stats.add("keys_created")
         log.info("created data key %d for scope %r (kms key %s)", row.id, scope, row.kms_key_id)
         self.cache.put(row.id, DataKey(row.id, scope, generated.plaintext))
+        self._changes = next(self._numbering)
         self.meta.discard(lambda entry: entry in (("scope", scope), ("scope", None)))
         return row.id
 
@@ -215,6 +230,7 @@ class KeyManager:
     def forget(self, *, key_id: int | None = None, scope: str | None = None) -> None:
         """Drop what memory holds about a key or a scope (after destroy, rotate, rewrap)."""
 
+        self._changes = next(self._numbering)
         if key_id is not None:
             self.cache.discard(lambda entry: entry == key_id)
         self.meta.discard(lambda entry: scope is None or entry[1] in (scope, None))  # type: ignore[index]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -330,3 +331,28 @@ def test_rotate_refuses_what_would_strand_the_application(
     with pytest.raises(KmsError, match="throttled"):  # not a refusal: worth retrying as is
         busy.rotate("notes")
     assert [k.id for k in envelope.keys() if k.state == "active"] == [first]
+
+
+def test_a_listing_read_across_a_key_change_is_read_again(
+    sqlite_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    """Deterministic lookups use the cached listing of a scope's keys: one read while
+    another thread rotated must not be served for keyring_refresh seconds."""
+    envelope, table = _schema(keyring_refresh=60)
+    engine = make_engine(sqlite_url)
+    table.metadata.create_all(engine)
+    envelope.configure(kms=local_kms, engine=engine)
+    first = envelope.rotate("notes")
+    manager, listing = envelope._keys(), envelope._keys().keyring.rows
+    rotated: list[int] = []
+
+    def rows_while_rotating(scope: str | None = None, **kw: Any) -> Any:
+        found = listing(scope, **kw)  # read before the rotation below ...
+        if not rotated:
+            rotated.append(0)
+            rotated[0] = envelope.rotate("notes")  # ... which lands meanwhile
+        return found
+
+    manager.keyring.rows = rows_while_rotating  # type: ignore[method-assign]
+    _, keys = manager.readable_keys("notes")
+    assert sorted(k.id for _, k in keys) == [first, rotated[0]]
