@@ -65,9 +65,7 @@ class RandomizedAead:
 
 Seal = Callable[[bytes], bytes]
 Open = Callable[[bytes], bytes]
-#: A stored value as built: ``bytes``, or ``bytearray`` when the header given is one
-Blob = bytes | bytearray
-SealAll = Callable[[Blob, Sequence[bytes]], list[Blob]]
+SealAll = Callable[[bytes, Sequence[bytes]], list[bytes]]
 
 
 def column_cipher(
@@ -81,7 +79,7 @@ def column_cipher(
     ``aad``. Built once per key and column, so the per-value path is one call.
 
     ``seal_all(head, plaintexts)`` is ``[head + seal(p) for p in plaintexts]``
-    (of ``head``'s type) for a batch job: it draws every nonce in one ``os.urandom`` call (a system
+    for a batch job: it draws every nonce in one ``os.urandom`` call (a system
     call, a third of the cost of sealing a short value, and a point where the
     thread lets go of the GIL). The nonces live only in that call, so there
     is no pool of them that a ``fork()`` could copy into two processes.
@@ -99,7 +97,7 @@ def column_cipher(
             except (InvalidTag, ValueError):
                 raise AuthenticationFailed from None
 
-        def seal_all_siv(head: Blob, plaintexts: Sequence[bytes]) -> list[Blob]:
+        def seal_all_siv(head: bytes, plaintexts: Sequence[bytes]) -> list[bytes]:
             return [head + siv_encrypt(p, aad_list) for p in plaintexts]
 
         return seal_siv, open_siv, seal_all_siv
@@ -120,7 +118,7 @@ def column_cipher(
         except (InvalidTag, ValueError):
             raise AuthenticationFailed from None
 
-    def seal_all_gcm(head: Blob, plaintexts: Sequence[bytes]) -> list[Blob]:
+    def seal_all_gcm(head: bytes, plaintexts: Sequence[bytes]) -> list[bytes]:
         nonces = urandom(NONCE_BYTES * len(plaintexts))
         each = [nonces[i : i + NONCE_BYTES] for i in range(0, len(nonces), NONCE_BYTES)]
         return [head + n + encrypt(n, p, aad) for n, p in zip(each, plaintexts, strict=True)]

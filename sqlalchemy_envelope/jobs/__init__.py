@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Dialect, Engine
 
 from .. import wire
-from .._crypto import AuthenticationFailed, Blob
+from .._crypto import AuthenticationFailed
 from ..cache import clock
 from ..crypter import Cipher, ColumnCrypter
 from ..errors import DecryptionError, KeyDestroyedError, KeyNotFoundError
@@ -282,7 +282,7 @@ class _Rewriter:
 
     def _column(
         self, rows: list[sa.Row[Any]], i: int, name: str, now: float
-    ) -> tuple[list[Key], list[bytes], list[Blob]]:
+    ) -> tuple[list[Key], list[bytes], list[bytes]]:
         """The keys, stored values and re-encrypted values of column ``name`` to rewrite."""
         report, offset, head_size = self.report, len(self.target.pk), wire.HEADER_BYTES
         crypter, active = self.target.crypters[name], self.active[name]
@@ -341,7 +341,7 @@ class _Rewriter:
 
 
 def _unique_aware(
-    conn: Connection, write: BatchWrite, keys: list[Key], news: list[Blob], olds: list[bytes]
+    conn: Connection, write: BatchWrite, keys: list[Key], news: list[bytes], olds: list[bytes]
 ) -> tuple[int, int]:
     """``(written, duplicates)``: a deterministic column's batch, row by row if it must be.
 
