@@ -47,7 +47,8 @@ def measure(*, rounds: int = 60, calls: int = 5_000) -> dict[str, float]:
     open_r = randomized.result_processor(dialect, None)
     seal_d = deterministic.bind_processor(dialect)
     open_d = deterministic.result_processor(dialect, None)
-    stored_r, stored_d = seal_r(VALUE), seal_d(VALUE)
+    # As the database returns them: sqlite3 is handed a bytearray and gives back bytes.
+    stored_r, stored_d = bytes(seal_r(VALUE)), bytes(seal_d(VALUE))
 
     aad = b"\x01\x01\x00\x00\x00\x01\x00\x03hot\x00\x01r"
     gcm, siv = AESGCM(os.urandom(32)), AESSIV(os.urandom(64))
