@@ -35,7 +35,7 @@ except ImportError as exc:  # pragma: no cover - exercised through a subprocess
 
 import sqlalchemy as sa
 
-from . import __version__, lifecycle
+from . import __version__
 from .envelope import Envelope
 from .errors import ConfigurationError, EnvelopeError, KeyInUseError
 from .kms.base import KeyProvider
@@ -370,7 +370,7 @@ def keys_rotate(ctx: click.Context, scope: str, new_scope: bool) -> None:
     if not scope.strip():
         raise click.BadParameter("must not be empty", param_hint="SCOPE")
     envelope = _settings(ctx).envelope()
-    key_id = lifecycle.rotate(envelope, scope, new_scope=new_scope)
+    key_id = envelope.rotate(scope, new_scope=new_scope)
     click.echo(f"scope {scope!r}: data key {key_id} is active")
     click.echo("older values stay readable under their keys; `reencrypt TABLE` moves them to it")
 

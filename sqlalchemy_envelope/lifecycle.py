@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import sqlalchemy as sa
 
-from . import wire
+from . import _runtime, wire
 from .errors import ConfigurationError, KeyInUseError, KeyNotFoundError, KmsError
 from .keyring import ACTIVE, DESTROYED, RETIRED
 from .keys import DataKey, KeyManager
@@ -59,9 +59,15 @@ def rotate(envelope: Envelope, scope: str, *, new_scope: bool = False) -> int:
     return row.id
 
 
-#: KMS answers that mean "not with this key", as opposed to a failure worth retrying.
-_WRONG_KEY = frozenset(
-    {"IncorrectKeyException", "InvalidCiphertextException", "AccessDeniedException"}
+#: KMS failures worth retrying as they are (no answer about the key itself).
+_TRANSIENT = frozenset(
+    {
+        None,  # unreachable, or a provider that broke its contract
+        "ThrottlingException",
+        "KMSInternalException",
+        "DependencyTimeoutException",
+        "KeyUnavailableException",
+    }
 )
 
 
@@ -71,11 +77,12 @@ def _check_rotation(manager: KeyManager, scope: str, new_scope: bool) -> None:
 
     A mistyped scope would get a key of its own while the intended scope keeps
     its old one: a scope without keys must be one a column uses, or asked for
-    (``new_scope``). A KMS key other than the one that wrapped the scope's
-    current key (another master key file, another CMK) wraps the new key
-    where the application may not unwrap it: refused when this KMS cannot
-    unwrap the current key either, logged as a warning when it can (an alias
-    moved to a new CMK that the application may use as well).
+    (``new_scope``). A KMS key other than the one that wrapped the current
+    key (the scope's, or for a scope without one the keyring's newest) wraps
+    the new key where the application may not unwrap it (another master key
+    file, another CMK): refused when this KMS cannot unwrap the current key
+    either, logged as a warning when it can (an alias moved to a new CMK that
+    the application may use as well).
     """
     rows = manager.keyring.rows(scope)
     if not rows and not new_scope and scope not in manager.known_scopes():
@@ -83,21 +90,24 @@ def _check_rotation(manager: KeyManager, scope: str, new_scope: bool) -> None:
         raise ConfigurationError(
             f"scope {scope!r} has no keys, and no encrypted column of this envelope uses it: "
             f"check the name (scopes in the keyring: {', '.join(map(repr, known)) or 'none'}); "
-            "to give a new scope its first key, ask for a new scope (keys rotate --new-scope)"
+            "to give a new scope its first key, ask for it as a new scope "
+            "(rotate(scope, new_scope=True), keys rotate SCOPE --new-scope)"
         )
-    live = [r for r in rows if r.state in (ACTIVE, RETIRED)]
-    if not live or manager.call_kms(manager.kms.owns, live[-1].kms_key_id):
+    live = [r for r in rows if r.state in (ACTIVE, RETIRED)] or [
+        r for r in manager.keyring.rows() if r.state in (ACTIVE, RETIRED)
+    ]
+    if not live or _owns(manager.kms, live[-1].kms_key_id):
         return
     current = live[-1]
     try:
         manager.data_key(current.id)
     except KmsError as exc:
-        if exc.code not in _WRONG_KEY:
-            raise  # unreachable or throttled: worth retrying as it is
+        if exc.code in _TRANSIENT:
+            raise
         refusal = str(exc)
     else:
         log.warning(
-            "rotating scope %r under another KMS key than its current key %d (%s): "
+            "rotating scope %r under another KMS key than data key %d's (%s): "
             "the application must be able to unwrap keys under both",
             scope,
             current.id,
@@ -105,11 +115,21 @@ def _check_rotation(manager: KeyManager, scope: str, new_scope: bool) -> None:
         )
         return
     raise ConfigurationError(
-        f"not rotating scope {scope!r}: this KMS cannot unwrap its current key "
-        f"{current.id} ({refusal}), so the application, which can, might not unwrap "
-        "a key made by this one. Use the application's KMS or master key; to move to "
-        "another one, re-wrap every key first (envelope.rewrap / keys rewrap)"
+        f"not rotating scope {scope!r}: this KMS cannot unwrap data key {current.id} "
+        f"({refusal}), so the application, which can, might not unwrap a key made by "
+        "this one. Use the application's KMS or master key; to move to another one, "
+        "re-wrap every key first (envelope.rewrap / keys rewrap)"
     )
+
+
+def _owns(kms: KeyProvider, kms_key_id: str) -> bool:
+    """Whether ``kms`` wraps under ``kms_key_id``; False when it cannot tell (an AWS role
+    without DescribeKey), which leaves the decision to an unwrap. Not a counted KMS
+    call: the providers answer from memory, AWS after one DescribeKey."""
+    try:
+        return bool(_runtime.offload(kms.owns, kms_key_id))
+    except Exception:  # any failure: undecided, the unwrap decides
+        return False
 
 
 def rewrap(

@@ -317,8 +317,10 @@ def test_rotate_refuses_what_would_strand_the_application(
     first = envelope.rotate("notes")  # a declared scope: its first key, or a new one
     wrong, _ = _schema()
     wrong.configure(kms=LocalKms(bytes(range(32))), engine=engine)
-    with pytest.raises(ConfigurationError, match=r"cannot unwrap its current key.*re-wrap"):
+    with pytest.raises(ConfigurationError, match=r"cannot unwrap data key.*re-wrap"):
         wrong.rotate("notes")
+    with pytest.raises(ConfigurationError, match=r"cannot unwrap data key"):
+        wrong.rotate("visits", new_scope=True)  # a new scope: checked against the keyring's
     assert [(k.id, k.state) for k in envelope.keys() if k.state == "active"] == [(first, "active")]
     assert {k.scope for k in envelope.keys()} == {"notes"}
 
@@ -331,6 +333,9 @@ def test_rotate_refuses_what_would_strand_the_application(
     with pytest.raises(KmsError, match="throttled"):  # not a refusal: worth retrying as is
         busy.rotate("notes")
     assert [k.id for k in envelope.keys() if k.state == "active"] == [first]
+    calls = envelope.stats.kms_calls
+    assert envelope.rotate("visits", new_scope=True) > first  # asked for, with the right KMS
+    assert envelope.stats.kms_calls == calls + 1  # GenerateDataKey only: no check costs a call
 
 
 def test_a_listing_read_across_a_key_change_is_read_again(
