@@ -264,37 +264,34 @@ class Conversion:
                     report.swapped = True
 
             failure: Exception | None = None
-            if distributed:
-                jobs = jobs_table(jobs_table_name(envelope), self.schema)
-                shared = SharedJob(
-                    conn,
-                    jobs,
-                    f"{self.verb} {where}",
-                    chunk_rows=chunk_rows or 10 * batch_size,
-                    lease=lease,
-                )
-                try:
+            try:
+                if distributed:
+                    jobs = jobs_table(jobs_table_name(envelope), self.schema)
+                    shared = SharedJob(
+                        conn,
+                        jobs,
+                        f"{self.verb} {where}",
+                        chunk_rows=chunk_rows or 10 * batch_size,
+                        lease=lease,
+                    )
                     # A new shadow column: any earlier plan's finished ranges are void.
                     shared.run(table, pk, work, final, fresh=state == "added")
-                except (sa.exc.StatementError, ValueTypeError) as exc:
-                    failure = self._explained(exc)
-                    if failure is None:
-                        raise
-            else:
-                try:
+                else:
                     work(None, None, lambda: None)
                     final(lambda: None)
-                except (sa.exc.StatementError, ValueTypeError, ConfigurationError) as exc:
-                    elsewhere = isinstance(exc, (sa.exc.DBAPIError, ConfigurationError))
-                    if elsewhere and self._finished_elsewhere(conn):
-                        log.info("%s %s: another run finished the conversion", self.verb, where)
-                        report.already_done = True
-                    else:
-                        failure = self._explained(exc)
-                        if failure is None:
-                            raise
-            if failure is not None:  # raised here, outside the handler: nothing rides along
-                raise failure
+            except (sa.exc.StatementError, ValueTypeError, ConfigurationError) as exc:
+                failure = exc
+            # Decided outside the handler: nothing raised now chains the failure along.
+            if failure is not None:
+                if (
+                    not distributed
+                    and isinstance(failure, (sa.exc.DBAPIError, ConfigurationError))
+                    and self._finished_elsewhere(conn)
+                ):
+                    log.info("%s %s: another run finished the conversion", self.verb, where)
+                    report.already_done = True
+                else:
+                    raise self._explained(failure) or failure
         log.info("%s %s: finished (%d rows converted here)", self.verb, where, report.rows)
         return report
 
