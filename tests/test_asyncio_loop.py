@@ -90,12 +90,21 @@ class Ticker:
             await self._task
 
 
-@pytest.fixture(params=["postgres", "sqlite"])
+#: Each server database's URL fixture and async driver (asyncmy: aiomysql
+#: cannot bind bytes beside PyMySQL 1.2).
+ASYNC_SERVERS = {
+    "postgres": ("pg_url", "postgresql+psycopg"),
+    "mysql": ("mysql_url", "mysql+asyncmy"),
+}
+
+
+@pytest.fixture(params=["postgres", "sqlite", "mysql"])
 def async_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
     if request.param == "sqlite":
         return f"sqlite+aiosqlite:///{tmp_path / 'async.db'}"
-    url = sa.make_url(request.getfixturevalue("pg_url"))
-    return url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    fixture, driver = ASYNC_SERVERS[request.param]
+    url = sa.make_url(request.getfixturevalue(fixture))
+    return url.set(drivername=driver).render_as_string(hide_password=False)
 
 
 World = tuple[App, AsyncEngine, SlowKms]
