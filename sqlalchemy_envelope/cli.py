@@ -399,8 +399,22 @@ def keys_rewrap(ctx: click.Context, to: KmsSpec) -> None:
     click.echo(f"re-wrapped {moved} data key(s) under {to}; from now on use --kms {to}")
 
 
+def _key_id(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    """A data key's id: a positive integer, as ``keys list`` prints it."""
+    try:
+        key_id = int(value)
+    except ValueError:
+        key_id = 0
+    if key_id < 1:
+        raise click.BadParameter(
+            f"{value!r} is not a data key id: ids are positive integers, "
+            "and 'sqlalchemy-envelope keys list' shows them"
+        )
+    return key_id
+
+
 @keys.command("destroy")
-@click.argument("key_id", metavar="ID", type=click.IntRange(min=1))
+@click.argument("key_id", metavar="ID", callback=_key_id)
 @click.option(
     "--force",
     is_flag=True,

@@ -305,7 +305,8 @@ def test_rotate_refuses_another_master_key_or_an_unknown_scope(db: Db, tmp_path:
         (["--kms", "vault:x", "keys", "list"], "expected aws:ALIAS_OR_ARN"),
         (["--url", "{url}", "keys", "rotate", "patients"], "needs a KMS"),
         (["--url", "{url}", "--kms", "local:missing.key", "verify", "t"], "generate-master-key"),
-        (["--url", "{url}", "keys", "destroy", "one"], "Invalid value for 'ID'"),
+        (["--url", "{url}", "keys", "destroy", "one"], "'one' is not a data key id"),
+        (["--url", "{url}", "keys", "destroy", "--", "-3"], "'-3' is not a data key id"),
     ],
 )
 def test_usage_errors_exit_2(args: list[str], message: str, sqlite_url: str) -> None:
