@@ -37,6 +37,7 @@ from sqlalchemy_envelope.jobs import (
     verify,
 )
 from sqlalchemy_envelope.jobs.batches import Progress
+from sqlalchemy_envelope.jobs.sqlite_rebuild import column_collations
 
 ROWS = 240
 
@@ -817,7 +818,8 @@ def test_the_sqlite_rebuild_keeps_what_refers_to_the_table(
     local_kms: LocalKms,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Children (foreign keys enforced), triggers, views, CHECKs and AUTOINCREMENT survive."""
+    """Children (foreign keys enforced), triggers, views, CHECKs, AUTOINCREMENT and
+    other columns' COLLATE survive."""
     engine = make_engine(sqlite_url)
 
     @event.listens_for(engine, "connect")
@@ -829,7 +831,7 @@ def test_the_sqlite_rebuild_keeps_what_refers_to_the_table(
         for sql in (
             "CREATE TABLE accounts (id INTEGER PRIMARY KEY AUTOINCREMENT, "
             "balance INT CHECK (balance >= 0), ssn VARCHAR(11) NOT NULL CHECK (length(SSN) = 11), "
-            "kind TEXT CHECK (kind IN ('ssn', 'none')))",
+            "kind TEXT CHECK (kind IN ('ssn', 'none')), email TEXT COLLATE NOCASE UNIQUE)",
             "CREATE TABLE parents (id INTEGER PRIMARY KEY)",
             "CREATE TABLE orphans (id INTEGER PRIMARY KEY, parent_id INT REFERENCES parents (id))",
             "CREATE TABLE payments (id INTEGER PRIMARY KEY, "
@@ -844,7 +846,8 @@ def test_the_sqlite_rebuild_keeps_what_refers_to_the_table(
             conn.exec_driver_sql(sql)
         for i in range(1, 6):
             conn.exec_driver_sql(
-                f"INSERT INTO accounts VALUES ({i}, {i * 100}, '000-00-000{i}', 'none')"
+                f"INSERT INTO accounts VALUES ({i}, {i * 100}, '000-00-000{i}', 'none', "
+                f"'User{i}@Example.org')"
             )
             conn.exec_driver_sql(f"INSERT INTO payments VALUES ({i}, {i})")
             conn.exec_driver_sql(f"INSERT INTO notes VALUES ({i}, {i})")
@@ -875,6 +878,9 @@ def test_the_sqlite_rebuild_keeps_what_refers_to_the_table(
             q("UPDATE accounts SET kind = 'bogus' WHERE id = 1")
         with pytest.raises(sa.exc.IntegrityError), conn.begin_nested():
             q("INSERT INTO payments VALUES (9, 42)")  # foreign keys are enforced again
+        assert q("SELECT id FROM accounts WHERE email = 'user2@example.ORG'").all() == [(2,)]
+        with pytest.raises(sa.exc.IntegrityError), conn.begin_nested():  # still NOCASE UNIQUE
+            q("INSERT INTO accounts (balance, ssn, email) VALUES (1, x'00', 'USER3@example.org')")
         q("INSERT INTO accounts (balance, ssn, kind) VALUES (1, x'00', 'none')")
         assert q("SELECT max(id) FROM accounts").scalar() == 6
         assert q("PRAGMA foreign_keys").scalar() == 1
@@ -886,6 +892,16 @@ def test_the_sqlite_rebuild_keeps_what_refers_to_the_table(
     with engine.connect() as conn:
         got = conn.execute(sa.select(view.c.id, view.c.ssn).where(view.c.id < 5)).all()
     assert got == [(i, f"000-00-000{i}") for i in range(1, 5)]
+
+
+def test_collations_are_read_from_the_column_definitions_only() -> None:
+    sql = """CREATE TABLE "t(x" (id integer primary key, "E""m" TEXT COLLATE NOCASE UNIQUE,
+        [b c] varchar(20) NOT NULL collate "rtrim", -- c TEXT COLLATE nocase,
+        d text CHECK (d COLLATE nocase IN ('a', 'b')) DEFAULT 'COLLATE x', /* COLLATE y */
+        CONSTRAINT u UNIQUE (d COLLATE nocase), `f` DECIMAL(10, 2) COLLATE [BINARY]
+    ) WITHOUT ROWID"""
+    assert column_collations(sql) == {'e"m': "NOCASE", "b c": "rtrim", "f": "BINARY"}
+    assert column_collations("CREATE TABLE t(a, b)") == {}
 
 
 def test_postgres_swap_keeps_the_columns_comment_and_privileges(

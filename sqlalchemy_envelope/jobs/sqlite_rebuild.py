@@ -15,7 +15,10 @@ following SQLite's own procedure for altering a table
 * ``legacy_alter_table`` is on for the rename, so views are left alone;
 * triggers are re-created from their SQL, ``AUTOINCREMENT`` and its counter
   kept, CHECK constraints carried over, except those on the old column
-  (they describe the old values; each is logged, as on the other databases).
+  (they describe the old values; each is logged, as on the other databases);
+* other columns keep their ``COLLATE`` (SQLAlchemy's reflection, which the
+  batch mode copies the table from, does not report it): a ``COLLATE NOCASE``
+  unique column stays case-insensitive.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import pairwise
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -94,6 +99,14 @@ def rebuild(
                 drop.append(check["name"])
         elif not check["name"]:  # Alembic carries named ones itself, not unnamed ones
             keep.append(sa.CheckConstraint(sa.text(check["sqltext"])))
+    collations = column_collations(str(create))
+    collations.pop(column.lower(), None)
+
+    def keep_collation(inspector: object, table: sa.Table, info: dict[str, Any]) -> None:
+        collation = collations.get(info["name"].lower())
+        if collation is not None and isinstance(info["type"], sa.String):
+            info["type"].collation = collation
+
     broken_before = _broken_references(conn, prefix) if check_foreign_keys else Counter()
     legacy = conn.exec_driver_sql("PRAGMA legacy_alter_table").scalar()
     conn.exec_driver_sql("PRAGMA legacy_alter_table = ON")
@@ -102,6 +115,7 @@ def rebuild(
         with ops.batch_alter_table(
             table, schema=schema, recreate="always", table_args=tuple(keep),
             table_kwargs={"sqlite_autoincrement": True} if autoincrement else {},
+            reflect_kwargs={"listeners": [("column_reflect", keep_collation)]},
         ) as batch:  # fmt: skip
             for name in drop:
                 batch.drop_constraint(name, type_="check")
@@ -131,6 +145,61 @@ def _broken_references(conn: Connection, prefix: str) -> Counter[tuple[object, .
     a table without a rowid alias gets new rowids in the rebuild)."""
     rows = conn.exec_driver_sql(f"PRAGMA {prefix}foreign_key_check")
     return Counter((table, parent, fk) for table, _, parent, fk in rows)
+
+
+#: A token of SQLite's SQL.
+_TOKEN = re.compile(
+    r"""
+      "(?:[^"]|"")*"       # a "quoted name"
+    | `(?:[^`]|``)*`       # a `quoted name`
+    | \[[^\]]*\]           # a [quoted name]
+    | '(?:[^']|'')*'       # a 'string'
+    | --[^\n]*             # a comment to the end of the line
+    | /\*.*?(?:\*/|$)      # a /* comment */
+    | [(),]
+    | [^\s(),"'`\[]+       # a word
+    """,
+    re.VERBOSE | re.DOTALL,
+)
+_TABLE_CONSTRAINTS = frozenset({"CONSTRAINT", "PRIMARY", "UNIQUE", "CHECK", "FOREIGN"})
+
+
+def column_collations(create_table: str) -> dict[str, str]:
+    """``{column name in lower case: collation}`` of a ``CREATE TABLE``'s ``COLLATE`` clauses.
+
+    Only the column definitions' own clauses count, not a ``COLLATE`` inside
+    parentheses (a CHECK's expression, a table constraint's column list).
+    """
+    definitions: list[list[str]] = [[]]  # each definition's words outside parentheses
+    depth = 0
+    for part in _TOKEN.findall(create_table):
+        if part.startswith(("--", "/*")):
+            continue
+        if part == "(":
+            depth += 1
+        elif part == ")":
+            depth -= 1
+            if depth == 0:
+                break
+        elif depth == 1:
+            if part == ",":
+                definitions.append([])
+            else:
+                definitions[-1].append(part)
+    found: dict[str, str] = {}
+    for words in definitions:
+        if not words or words[0].upper() in _TABLE_CONSTRAINTS:
+            continue
+        for word, name in pairwise(words[1:]):
+            if word.upper() == "COLLATE":
+                found[_unquoted(words[0]).lower()] = _unquoted(name)
+    return found
+
+
+def _unquoted(name: str) -> str:
+    if name[:1] in ('"', "`", "'"):
+        return name[1:-1].replace(name[0] * 2, name[0])
+    return name[1:-1] if name.startswith("[") else name
 
 
 def mentions(sql: str, column: str) -> bool:
