@@ -359,18 +359,13 @@ def keys_generate_master_key(path: str) -> None:
 
 @keys.command("rotate", short_help="New active data key for SCOPE.")
 @click.argument("scope")
-@click.option(
-    "--new-scope",
-    is_flag=True,
-    help="SCOPE has no keys yet: give it its first (otherwise refused, as a likely typo).",
-)
 @click.pass_context
-def keys_rotate(ctx: click.Context, scope: str, new_scope: bool) -> None:
+def keys_rotate(ctx: click.Context, scope: str) -> None:
     """Create a new active data key for SCOPE; older keys stay readable."""
     if not scope.strip():
         raise click.BadParameter("must not be empty", param_hint="SCOPE")
     envelope = _settings(ctx).envelope()
-    key_id = envelope.rotate(scope, new_scope=new_scope)
+    key_id = envelope.rotate(scope)
     click.echo(f"scope {scope!r}: data key {key_id} is active")
     click.echo("older values stay readable under their keys; `reencrypt TABLE` moves them to it")
 

@@ -168,13 +168,13 @@ class Envelope:
             crypter.forget(key_id, scope)
 
     # -- key lifecycle ---------------------------------------------------------------
-    def rotate(self, scope: str, *, new_scope: bool = False) -> int:
+    def rotate(self, scope: str) -> int:
         """A new active data key for ``scope``; older keys stay readable. Returns its id.
 
-        A scope without keys that no column of this envelope uses is refused as a
-        likely typo unless ``new_scope=True``.
+        The first key of a scope that no column of this envelope uses is logged
+        as a warning (a mistyped scope leaves the intended one on its old key).
         """
-        return lifecycle.rotate(self, scope, new_scope=new_scope)
+        return lifecycle.rotate(self, scope)
 
     def rewrap(
         self, kms: KeyProvider, *, progress: Callable[[int, int | None], None] | None = None

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from . import _runtime, wire
 from .errors import ConfigurationError, KeyInUseError, KeyNotFoundError, KmsError
-from .keyring import ACTIVE, DESTROYED, RETIRED
+from .keyring import ACTIVE, DESTROYED, RETIRED, KeyRow
 from .keys import DataKey, KeyManager
 from .kms.base import KeyProvider, scope_context
 
@@ -44,11 +44,12 @@ def keys(envelope: Envelope, scope: str | None = None) -> list[KeyInfo]:
     ]
 
 
-def rotate(envelope: Envelope, scope: str, *, new_scope: bool = False) -> int:
+def rotate(envelope: Envelope, scope: str) -> int:
     if not isinstance(scope, str) or not scope:
         raise ValueError("scope must be a non-empty string")
     manager = envelope._keys()
-    _check_rotation(manager, scope, new_scope)
+    rows = manager.keyring.rows(scope)
+    _check_kms(manager, scope, rows)
     generated = manager.call_kms(manager.kms.generate_data_key, scope_context(scope))
     row, old = manager.keyring.replace_active(scope, generated.wrapped, generated.kms_key_id)
     envelope._forget(scope=scope)
@@ -56,6 +57,15 @@ def rotate(envelope: Envelope, scope: str, *, new_scope: bool = False) -> int:
     manager.stats.add("keys_created")
     retired = "its first key" if old is None else f"key {old} retired"
     log.info("rotated scope %r: key %d is active, %s", scope, row.id, retired)
+    if not rows and scope not in manager.known_scopes():
+        # A mistyped scope gets a key of its own while the intended one keeps its old key.
+        others = sorted({r.scope for r in manager.keyring.rows()} - {scope})
+        log.warning(
+            "scope %r had no keys and no encrypted column of this envelope uses it: "
+            "key %d is its first (scopes with keys: %s). If the name was mistyped, "
+            "destroy key %d: no value uses it yet",
+            scope, row.id, ", ".join(map(repr, others)) or "none", row.id,
+        )  # fmt: skip
     return row.id
 
 
@@ -71,28 +81,16 @@ _TRANSIENT = frozenset(
 )
 
 
-def _check_rotation(manager: KeyManager, scope: str, new_scope: bool) -> None:
-    """Refuse a rotation that would leave the application on its old key, or unable to
-    unwrap the new one.
+def _check_kms(manager: KeyManager, scope: str, rows: list[KeyRow]) -> None:
+    """Refuse a rotation that would leave the application unable to unwrap the new key.
 
-    A mistyped scope would get a key of its own while the intended scope keeps
-    its old one: a scope without keys must be one a column uses, or asked for
-    (``new_scope``). A KMS key other than the one that wrapped the current
-    key (the scope's, or for a scope without one the keyring's newest) wraps
-    the new key where the application may not unwrap it (another master key
-    file, another CMK): refused when this KMS cannot unwrap the current key
-    either, logged as a warning when it can (an alias moved to a new CMK that
-    the application may use as well).
+    A KMS key other than the one that wrapped the current key (the scope's, or
+    for a scope without one the keyring's newest) wraps the new key where the
+    application may not unwrap it (another master key file, another CMK):
+    refused when this KMS cannot unwrap the current key either, logged as a
+    warning when it can (an alias moved to a new CMK that the application may
+    use as well).
     """
-    rows = manager.keyring.rows(scope)
-    if not rows and not new_scope and scope not in manager.known_scopes():
-        known = sorted({r.scope for r in manager.keyring.rows()})
-        raise ConfigurationError(
-            f"scope {scope!r} has no keys, and no encrypted column of this envelope uses it: "
-            f"check the name (scopes in the keyring: {', '.join(map(repr, known)) or 'none'}); "
-            "to give a new scope its first key, ask for it as a new scope "
-            "(rotate(scope, new_scope=True), keys rotate SCOPE --new-scope)"
-        )
     live = [r for r in rows if r.state in (ACTIVE, RETIRED)] or [
         r for r in manager.keyring.rows() if r.state in (ACTIVE, RETIRED)
     ]

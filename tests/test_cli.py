@@ -276,23 +276,28 @@ def test_rewrap_local_to_aws(
     # From here on, only AWS: the endpoint from the environment, the key by alias or ARN.
     aws_env = {"AWS_ENDPOINT_URL": moto_server}
     expect(db.cli("verify", "patients", kms=f"aws:{cmk.alias}", env=aws_env), 0, "ok")
-    rotate = ("keys", "rotate", "visits")  # no keys yet: a new scope, asked for as one
-    expect(db.cli(*rotate, kms=f"aws:{cmk.arn}", env=aws_env), 1, "--new-scope")
-    expect(db.cli(*rotate, "--new-scope", kms=f"aws:{cmk.arn}", env=aws_env), 0)
+    rotate = ("keys", "rotate", "visits")  # no keys yet: its first, under the new CMK
+    expect(db.cli(*rotate, kms=f"aws:{cmk.arn}", env=aws_env), 0, "had no keys")
     kms = AwsKms(cmk.alias, endpoint_url=moto_server)
     assert db.read(kms) == expected_patients()
 
 
-def test_rotate_refuses_another_master_key_or_an_unknown_scope(db: Db, tmp_path: Path) -> None:
-    """Either would leave the application on its old key, or unable to unwrap the new one."""
+def test_rotate_refuses_another_master_key_and_warns_of_an_unknown_scope(
+    db: Db, tmp_path: Path
+) -> None:
+    """Another master key would wrap a key the application cannot unwrap: refused. A
+    mistyped scope gets a key while the real one keeps its old key: said, with the way out."""
     old = active_key(db, "patients")
     other = tmp_path / "other.key"
     expect(cli("keys", "generate-master-key", str(other)), 0)
     expect(db.cli("keys", "rotate", "patients", kms=f"local:{other}"), 1, "cannot unwrap", "rewrap")
-    expect(db.cli("keys", "rotate", "patient"), 1, "no keys", "'patients'")
-    assert active_key(db, "patients") == old and keyring(db, "patient") == {}
-    listed = expect(db.cli("keys", "list", "--scope", "patient", kms=None), 0)
-    assert "no keys in scope 'patient'" in listed.err and "'patients'" in listed.err
+    assert active_key(db, "patients") == old
+    typo = expect(db.cli("keys", "rotate", "patient"), 0, "had no keys", "'patients'")
+    (key,) = keyring(db, "patient")
+    assert f"destroy key {key}" in typo.err and active_key(db, "patients") == old
+    expect(db.cli("keys", "destroy", str(key), kms=None), 0, f"destroyed data key {key}")
+    listed = expect(db.cli("keys", "list", "--scope", "patiens", kms=None), 0)
+    assert "no keys in scope 'patiens'" in listed.err and "'patients'" in listed.err
 
 
 # -- errors --------------------------------------------------------------------------------

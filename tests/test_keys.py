@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -303,24 +304,46 @@ def test_destroy_refuses_while_the_role_may_not_read_a_table(
             conn.execute(sa.text(f"DROP ROLE {role}"))
 
 
-def test_rotate_refuses_what_would_strand_the_application(
-    sqlite_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+def test_rotating_a_scope_no_column_uses_warns_with_the_way_back(
+    sqlite_url: str,
+    make_engine: Callable[..., sa.Engine],
+    local_kms: LocalKms,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A mistyped scope would get a key while the real one kept its old key; another
-    master key would wrap a key the application cannot unwrap. Neither is written."""
+    """A mistyped scope gets a key of its own while the intended one keeps its old key."""
     envelope, table = _schema()
     engine = make_engine(sqlite_url)
     table.metadata.create_all(engine)
     envelope.configure(kms=local_kms, engine=engine)
-    with pytest.raises(ConfigurationError, match=r"scope 'note' has no keys.*check the name"):
-        envelope.rotate("note")
-    first = envelope.rotate("notes")  # a declared scope: its first key, or a new one
+    caplog.set_level(logging.WARNING, logger="sqlalchemy_envelope")
+    first = envelope.rotate("notes")  # a declared scope: its first key, without a warning
+    assert not caplog.records
+    typo = envelope.rotate("note")  # a new scope, as DESIGN.md's rotate(scope) promises
+    (warning,) = caplog.records
+    assert warning.levelno == logging.WARNING
+    assert "scope 'note' had no keys" in warning.getMessage()
+    assert "scopes with keys: 'notes'" in warning.getMessage()
+    assert f"destroy key {typo}" in warning.getMessage()
+    assert envelope.rotate("note") > typo and len(caplog.records) == 1  # has keys now
+    envelope.destroy(typo)  # no value uses it: no force needed
+    assert [k.id for k in envelope.keys("notes")] == [first]
+
+
+def test_rotate_refuses_what_would_strand_the_application(
+    sqlite_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    """Another master key would wrap a key the application cannot unwrap: not written."""
+    envelope, table = _schema()
+    engine = make_engine(sqlite_url)
+    table.metadata.create_all(engine)
+    envelope.configure(kms=local_kms, engine=engine)
+    first = envelope.rotate("notes")
     wrong, _ = _schema()
     wrong.configure(kms=LocalKms(bytes(range(32))), engine=engine)
     with pytest.raises(ConfigurationError, match=r"cannot unwrap data key.*re-wrap"):
         wrong.rotate("notes")
     with pytest.raises(ConfigurationError, match=r"cannot unwrap data key"):
-        wrong.rotate("visits", new_scope=True)  # a new scope: checked against the keyring's
+        wrong.rotate("visits")  # a new scope: checked against the keyring's newest key
     assert [(k.id, k.state) for k in envelope.keys() if k.state == "active"] == [(first, "active")]
     assert {k.scope for k in envelope.keys()} == {"notes"}
 
@@ -334,7 +357,7 @@ def test_rotate_refuses_what_would_strand_the_application(
         busy.rotate("notes")
     assert [k.id for k in envelope.keys() if k.state == "active"] == [first]
     calls = envelope.stats.kms_calls
-    assert envelope.rotate("visits", new_scope=True) > first  # asked for, with the right KMS
+    assert envelope.rotate("visits") > first  # with the right KMS
     assert envelope.stats.kms_calls == calls + 1  # GenerateDataKey only: no check costs a call
 
 
