@@ -2,7 +2,8 @@
 
 Randomized ciphertext says nothing about its plaintext, so every comparison
 but ``IS [NOT] NULL`` is refused when the statement is built, naming the
-column. A deterministic column answers ``==``, ``!=``, ``in_`` and
+column (a comparison with another column: when it is compiled, see
+:class:`ColumnComparison`). A deterministic column answers ``==``, ``!=``, ``in_`` and
 ``not_in``: the value is encrypted under every readable key of the scope (so
 rows not yet re-encrypted after a rotation still match), at execution time,
 through an expanding bind parameter; building the statement does no I/O.
@@ -15,8 +16,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql import operators
-from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.elements import BinaryExpression, ColumnClause, ColumnElement
 from sqlalchemy.types import TypeDecorator
 
 from .errors import EncryptedComparisonError
@@ -65,6 +67,8 @@ class EncryptedComparator(TypeDecorator.Comparator[Any]):
             # Not a user's comparison: SQLAlchemy finding a column among others
             # (a dict lookup calls ==, as the ORM's bulk UPDATE and RETURNING do).
             return super().operate(op, *other, **kwargs)
+        if op in (operators.eq, operators.ne) and other and isinstance(other[0], ColumnClause):
+            return ColumnComparison(self.expr, other[0], op, sa.Boolean())
         name = _name(self.expr)
         if not type_.deterministic:
             raise EncryptedComparisonError(
@@ -90,6 +94,33 @@ class EncryptedComparator(TypeDecorator.Comparator[Any]):
         if op in (operators.eq, operators.ne):
             return self.operate(op, other, **kwargs)
         raise EncryptedComparisonError(f"{_name(self.expr)} is encrypted and cannot be compared")
+
+
+_NEGATED = {operators.eq: operators.ne, operators.ne: operators.eq}
+
+
+class ColumnComparison(BinaryExpression[bool]):
+    """``encrypted == other_column``: refused when compiled rather than when built.
+
+    In SQL it would compare ciphertexts under different sub-keys. But
+    SQLAlchemy itself asks whether a column is in a list or set of columns
+    (the ORM's bulk INSERT ... RETURNING of an entity, for one), which calls
+    ``==`` and takes the truth value of the result: an identity test, as for
+    any column, which must keep working.
+    """
+
+    inherit_cache = True
+
+    def _negate(self) -> ColumnElement[Any]:
+        return ColumnComparison(self.left, self.right, _NEGATED[self.operator], self.type)
+
+
+@compiles(ColumnComparison)
+def _refuse(element: ColumnComparison, compiler: Any, **kw: Any) -> str:
+    raise EncryptedComparisonError(
+        f"{_name(element.left)} is encrypted, so SQL cannot compare it with another "
+        f"column ({_name(element.right)}): each column encrypts under its own sub-key"
+    )
 
 
 def _clause(value: Any) -> Any:
