@@ -23,7 +23,7 @@ from .cache import clock
 from .codecs import codec_for
 from .comparator import EncryptedComparator
 from .crypter import ColumnCrypter
-from .errors import ConfigurationError, DecryptionError, ValueTypeError
+from .errors import ConfigurationError, DecryptionError, ValueTypeError, where
 
 if TYPE_CHECKING:
     from .envelope import Envelope
@@ -307,13 +307,13 @@ class Encrypted(TypeDecorator[Any]):
         return lambda value: ours(impl(value))
 
     def literal_processor(self, dialect: Dialect) -> Callable[[Any], str]:
-        def refuse(value: Any) -> str:
-            raise ConfigurationError(
-                f"{self.bound_name()}: encrypted values cannot be rendered as SQL literals "
-                "(literal_binds or offline migrations); bind them as parameters"
-            )
-
-        return refuse
+        # Refused here, before a value is seen: SQLAlchemy quotes the value in the
+        # CompileError it raises when the processor it returns fails.
+        raise ConfigurationError(
+            f"{where(self._binding.table, self._binding.name)}: encrypted values cannot be "
+            "rendered as SQL literals "
+            "(literal_binds or offline migrations); bind them as parameters"
+        )
 
     def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
         return self.bind_processor(dialect)(value)

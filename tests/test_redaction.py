@@ -467,3 +467,16 @@ def test_errors_before_execution_hide_the_parameters(setup: Setup, failure: str)
     assert info.value.params is None
     check_exception(info.value, setup.secrets())
     assert patient_ids(setup) == [1]
+
+
+def test_literal_rendering_is_refused_before_the_value_is_seen(setup: Setup) -> None:
+    """SQLAlchemy quotes the value in its CompileError when a literal processor fails."""
+    t = setup.app.Patient.__table__
+    for statement in (
+        t.insert().values(id=3, name=PLANTED["name"]),
+        t.update().values(ssn=PLANTED["ssn"]),
+        sa.select(sa.literal(PLANTED["name"], t.c.name.type)),
+    ):
+        with pytest.raises(ConfigurationError, match=r"patients\.\w+: .*SQL literals") as info:
+            statement.compile(setup.engine, compile_kwargs={"literal_binds": True})
+        check_exception(info.value, setup.secrets())
