@@ -37,7 +37,11 @@ from sqlalchemy_envelope.jobs import (
     verify,
 )
 from sqlalchemy_envelope.jobs.batches import Progress
-from sqlalchemy_envelope.jobs.sqlite_rebuild import column_collations
+from sqlalchemy_envelope.jobs.sqlite_rebuild import (
+    column_collations,
+    column_definitions,
+    inline_uniques,
+)
 
 ROWS = 240
 
@@ -830,7 +834,8 @@ def test_the_sqlite_rebuild_keeps_what_refers_to_the_table(
     with engine.begin() as conn:
         for sql in (
             "CREATE TABLE accounts (id INTEGER PRIMARY KEY AUTOINCREMENT, "
-            "balance INT CHECK (balance >= 0), ssn VARCHAR(11) NOT NULL CHECK (length(SSN) = 11), "
+            "balance INT CHECK (balance >= 0), "
+            "ssn VARCHAR(11) NOT NULL UNIQUE CHECK (length(SSN) = 11), "
             "kind TEXT CHECK (kind IN ('ssn', 'none')), email TEXT COLLATE NOCASE UNIQUE)",
             "CREATE TABLE parents (id INTEGER PRIMARY KEY)",
             "CREATE TABLE orphans (id INTEGER PRIMARY KEY, parent_id INT REFERENCES parents (id))",
@@ -861,7 +866,8 @@ def test_the_sqlite_rebuild_keeps_what_refers_to_the_table(
         conn.exec_driver_sql("PRAGMA foreign_keys = ON")
         conn.commit()
 
-    report = encrypt_column(envelope, engine, "accounts", "ssn", Encrypted(sa.String(11)))
+    ssn_type = Encrypted(sa.String(11), deterministic=True)
+    report = encrypt_column(envelope, engine, "accounts", "ssn", ssn_type)
     assert report.swapped
     assert "CHECK constraint (length(SSN) = 11) describes the old values" in caplog.text
 
@@ -887,21 +893,34 @@ def test_the_sqlite_rebuild_keeps_what_refers_to_the_table(
     view = sa.Table(
         "accounts", sa.MetaData(),
         sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("ssn", Encrypted(sa.String(11), envelope)),
+        sa.Column("ssn", Encrypted(sa.String(11), envelope, deterministic=True)),
     )  # fmt: skip
     with engine.connect() as conn:
         got = conn.execute(sa.select(view.c.id, view.c.ssn).where(view.c.id < 5)).all()
     assert got == [(i, f"000-00-000{i}") for i in range(1, 5)]
+    uniques = sa.inspect(engine).get_unique_constraints("accounts")  # as constraints, unnamed
+    assert sorted(u["column_names"] for u in uniques) == [["email"], ["ssn"]]
+    assert {u["name"] for u in uniques} == {None}
+    assert sa.inspect(engine).get_indexes("accounts") == []
+    with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+        conn.execute(view.insert().values(id=9, ssn="000-00-0001"))
 
 
-def test_collations_are_read_from_the_column_definitions_only() -> None:
+def test_collations_and_uniques_are_read_from_the_column_definitions_only() -> None:
     sql = """CREATE TABLE "t(x" (id integer primary key, "E""m" TEXT COLLATE NOCASE UNIQUE,
         [b c] varchar(20) NOT NULL collate "rtrim", -- c TEXT COLLATE nocase,
         d text CHECK (d COLLATE nocase IN ('a', 'b')) DEFAULT 'COLLATE x', /* COLLATE y */
         CONSTRAINT u UNIQUE (d COLLATE nocase), `f` DECIMAL(10, 2) COLLATE [BINARY]
     ) WITHOUT ROWID"""
-    assert column_collations(sql) == {'e"m': "NOCASE", "b c": "rtrim", "f": "BINARY"}
-    assert column_collations("CREATE TABLE t(a, b)") == {}
+    assert column_collations(column_definitions(sql)) == {
+        'E"m': "NOCASE",
+        "b c": "rtrim",
+        "f": "BINARY",
+    }
+    assert column_collations(column_definitions("CREATE TABLE t(a, b)")) == {}
+    sql = """CREATE TABLE t (a VARCHAR(5) NOT NULL UNIQUE, "b" INT CONSTRAINT "u b" UNIQUE,
+        c TEXT DEFAULT 'UNIQUE' CHECK (c != 'UNIQUE'), UNIQUE (c))"""
+    assert inline_uniques(column_definitions(sql)) == {"a": None, "b": "u b"}
 
 
 def test_postgres_swap_keeps_the_columns_comment_and_privileges(

@@ -66,10 +66,15 @@ def rebuild(
     column: str,
     shadow: str,
     nullable: bool,
+    uniques: list[tuple[str | None, tuple[str, ...]]],
     *,
     check_foreign_keys: bool,
 ) -> None:
-    """Replace ``column`` by ``shadow`` (renamed to ``column``), in the open transaction."""
+    """Replace ``column`` by ``shadow`` (renamed to ``column``), in the open transaction.
+
+    ``uniques``: ``(name, columns)`` of the unique constraints on ``column``,
+    which its drop takes along; they are declared again on the new table.
+    """
     from alembic.operations import Operations
     from alembic.runtime.migration import MigrationContext
 
@@ -92,21 +97,41 @@ def rebuild(
     counter = None
     if autoincrement:
         counter = conn.scalar(sa.select(sequence.c.seq).where(sequence.c.name == table))
-    keep, drop = [], []
+    keep: list[sa.Constraint] = []
+    drop: list[str] = []
     for check in sa.inspect(conn).get_check_constraints(table, schema):
         if mentions(check["sqltext"], column):  # logged by the swap
             if check["name"]:
                 drop.append(check["name"])
         elif not check["name"]:  # Alembic carries named ones itself, not unnamed ones
             keep.append(sa.CheckConstraint(sa.text(check["sqltext"])))
-    collations = column_collations(str(create))
-    collations.pop(column.lower(), None)
+    definitions = column_definitions(str(create))
+    collations = {
+        name.lower(): collation
+        for name, collation in column_collations(definitions).items()
+        if name.lower() != column.lower()
+    }
 
     def keep_collation(inspector: object, table: sa.Table, info: dict[str, Any]) -> None:
         collation = collations.get(info["name"].lower())
         if collation is not None and isinstance(info["type"], sa.String):
             info["type"].collation = collation
 
+    # Inline UNIQUE after a type with a length (``email VARCHAR(80) UNIQUE``) is not
+    # reflected, so neither the batch copy nor the swap knows it: declared here.
+    reflected = {
+        tuple(c.lower() for c in u["column_names"])
+        for u in sa.inspect(conn).get_unique_constraints(table, schema)
+    }
+    uniques = uniques + [
+        (name, (col,)) for col, name in inline_uniques(definitions).items()
+        if (col.lower(),) not in reflected
+    ]  # fmt: skip
+    # In the batch's copy the renamed shadow keeps its old name as its key.
+    keep += [
+        sa.UniqueConstraint(*(shadow if c == column else c for c in columns), name=name)
+        for name, columns in uniques
+    ]
     broken_before = _broken_references(conn, prefix) if check_foreign_keys else Counter()
     legacy = conn.exec_driver_sql("PRAGMA legacy_alter_table").scalar()
     conn.exec_driver_sql("PRAGMA legacy_alter_table = ON")
@@ -164,13 +189,10 @@ _TOKEN = re.compile(
 _TABLE_CONSTRAINTS = frozenset({"CONSTRAINT", "PRIMARY", "UNIQUE", "CHECK", "FOREIGN"})
 
 
-def column_collations(create_table: str) -> dict[str, str]:
-    """``{column name in lower case: collation}`` of a ``CREATE TABLE``'s ``COLLATE`` clauses.
-
-    Only the column definitions' own clauses count, not a ``COLLATE`` inside
-    parentheses (a CHECK's expression, a table constraint's column list).
-    """
-    definitions: list[list[str]] = [[]]  # each definition's words outside parentheses
+def column_definitions(create_table: str) -> dict[str, list[str]]:
+    """``{column: its definition's words}`` of a ``CREATE TABLE``, outside parentheses
+    (not a CHECK's expression, say); table constraints left out."""
+    definitions: list[list[str]] = [[]]
     depth = 0
     for part in _TOKEN.findall(create_table):
         if part.startswith(("--", "/*")):
@@ -186,13 +208,32 @@ def column_collations(create_table: str) -> dict[str, str]:
                 definitions.append([])
             else:
                 definitions[-1].append(part)
-    found: dict[str, str] = {}
-    for words in definitions:
-        if not words or words[0].upper() in _TABLE_CONSTRAINTS:
-            continue
-        for word, name in pairwise(words[1:]):
-            if word.upper() == "COLLATE":
-                found[_unquoted(words[0]).lower()] = _unquoted(name)
+    return {
+        _unquoted(words[0]): words[1:]
+        for words in definitions
+        if words and words[0].upper() not in _TABLE_CONSTRAINTS
+    }
+
+
+def column_collations(definitions: dict[str, list[str]]) -> dict[str, str]:
+    """``{column: collation}`` of the columns declared with ``COLLATE``."""
+    return {
+        column: _unquoted(name)
+        for column, words in definitions.items()
+        for word, name in pairwise(words)
+        if word.upper() == "COLLATE"
+    }
+
+
+def inline_uniques(definitions: dict[str, list[str]]) -> dict[str, str | None]:
+    """``{column: constraint name or None}`` of the columns declared ``UNIQUE`` themselves."""
+    found: dict[str, str | None] = {}
+    for column, words in definitions.items():
+        upper = [w.upper() for w in words]
+        if "UNIQUE" in upper:
+            at = upper.index("UNIQUE")
+            named = at >= 2 and upper[at - 2] == "CONSTRAINT"
+            found[column] = _unquoted(words[at - 1]) if named else None
     return found
 
 

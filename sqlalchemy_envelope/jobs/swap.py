@@ -49,6 +49,7 @@ class Index:
     columns: tuple[str, ...]
     unique: bool
     constraint: bool  # a UNIQUE constraint rather than an index
+    named: bool = True  # False: an unnamed constraint (SQLite), ``name`` made up
 
 
 def swap(
@@ -117,18 +118,23 @@ def swap(
                     f"ALTER TABLE {qt} ALTER COLUMN {q.quote(column)} SET NOT NULL"
                 )
             for index in indexes:
-                conn.exec_driver_sql(_create_index(q, qt, index, constraints=True))
+                conn.exec_driver_sql(_create_index(q, qt, index))
             for statement in kept:
                 conn.exec_driver_sql(statement)
         else:
             for index in indexes:  # batch mode cannot carry them across a drop-and-rename
                 if not index.constraint:
                     conn.exec_driver_sql(f"DROP INDEX {q.quote(index.name)}")
+            uniques = [  # only a rebuild adds a constraint on SQLite: this one
+                (i.name if i.named else None, i.columns) for i in indexes if i.constraint
+            ]
             sqlite_rebuild.rebuild(
-                conn, table, schema, column, shadow, nullable, check_foreign_keys=enforced
-            )
-            for index in indexes:  # SQLite enforces a unique index exactly as a UNIQUE constraint
-                conn.exec_driver_sql(_create_index(q, qt, index, constraints=False))
+                conn, table, schema, column, shadow, nullable, uniques,
+                check_foreign_keys=enforced,
+            )  # fmt: skip
+            for index in indexes:
+                if not index.constraint:
+                    conn.exec_driver_sql(_create_index(q, qt, index))
         return nullable, indexes
 
     what = f"{table}.{column}: swap"
@@ -181,7 +187,9 @@ def _schema(
     for uq in insp.get_unique_constraints(table, schema):
         if column in uq["column_names"]:
             uq_name = uq["name"] or f"uq_{table}_{'_'.join(uq['column_names'])}"
-            indexes[uq_name] = Index(uq_name, tuple(uq["column_names"]), True, True)
+            indexes[uq_name] = Index(
+                uq_name, tuple(uq["column_names"]), True, True, named=uq["name"] is not None
+            )
     for ix in insp.get_indexes(table, schema):
         names, name = ix["column_names"], ix["name"]
         if name is None or name in indexes or ix.get("duplicates_constraint"):
@@ -260,9 +268,9 @@ def _add_index_clause(q: Any, index: Index) -> str:
     return f"ADD {'UNIQUE ' if index.unique else ''}INDEX {q.quote(index.name)} ({cols})"
 
 
-def _create_index(q: Any, qt: str, index: Index, *, constraints: bool) -> str:
+def _create_index(q: Any, qt: str, index: Index) -> str:
     cols = ", ".join(q.quote(c) for c in index.columns)
-    if index.constraint and constraints:
+    if index.constraint:
         return f"ALTER TABLE {qt} ADD CONSTRAINT {q.quote(index.name)} UNIQUE ({cols})"
     unique = "UNIQUE " if index.unique else ""
     return f"CREATE {unique}INDEX {q.quote(index.name)} ON {qt} ({cols})"
