@@ -17,6 +17,7 @@ from alembic.runtime.migration import MigrationContext
 
 from .column import Encrypted
 from .jobs.claims import jobs_table_name
+from .jobs.discovery import stored_mode
 from .migration_ops import (
     DEFAULT_TABLE,
     ColumnOp,
@@ -115,16 +116,52 @@ with other rewriters via ``.chain()``.
 
 @process_revision_directives.rewrites(ops.AlterColumnOp)
 def _convert_type_change(context: MigrationContext, revision: Any, op: ops.AlterColumnOp) -> Any:
+    """A type change that encrypts or decrypts a column becomes encrypt/decrypt_column.
+
+    One side of the change is what the models declare, the other what the
+    database holds (its reflected type: binary for an encrypted column). So
+    besides the models' ``Encrypted``, what the column holds now decides:
+    binary values of ours mean the column is encrypted already.
+    """
     new, old = op.modify_type, op.existing_type
-    if new is None or isinstance(new, Encrypted) == isinstance(old, Encrypted):
-        return op
-    if _other_changes(op):
+    if new is None or old is None or _other_changes(op):
         return op  # leave a combined change to the author
     if isinstance(new, Encrypted):
+        if _binary(old) and _stored_mode(context, op) is not None:
+            return op  # encrypted already: the binary column's size changes (MySQL)
         return EncryptColumnOp(op.table_name, op.column_name, new, schema=op.schema)
-    # The inner type the values were encoded with, which is what the column held before.
-    plain = old.inner_type if isinstance(old, Encrypted) else new
-    return DecryptColumnOp(op.table_name, op.column_name, plain, schema=op.schema)
+    if isinstance(old, Encrypted):  # the downgrade of the above
+        if _binary(new) and _stored_mode(context, op) is not None:
+            return op
+        # The inner type the values were encoded with, which is what the column held before.
+        return DecryptColumnOp(op.table_name, op.column_name, old.inner_type, schema=op.schema)
+    # No Encrypted on either side: the models dropped it from a column that holds
+    # our values (binary to plain), or this is that change's downgrade.
+    if _binary(old) == _binary(new):
+        return op
+    stored = _stored_mode(context, op)
+    if stored is None:
+        return op
+    if _binary(old):
+        return DecryptColumnOp(op.table_name, op.column_name, new, schema=op.schema)
+    scope, deterministic = stored
+    encrypted = Encrypted(
+        old, deterministic=deterministic, scope=None if scope == op.table_name else scope
+    )
+    return EncryptColumnOp(op.table_name, op.column_name, encrypted, schema=op.schema)
+
+
+def _binary(type_: Any) -> bool:
+    return isinstance(type_, sa.types._Binary) and not isinstance(type_, Encrypted)
+
+
+def _stored_mode(context: MigrationContext, op: ops.AlterColumnOp) -> tuple[str, bool] | None:
+    """``(scope, deterministic)`` of the values the column holds, if they are ours."""
+    envelope = registered_envelope(context)
+    if envelope is None or context.connection is None:
+        return None
+    table = sa.table(op.table_name, sa.column(op.column_name), schema=op.schema)
+    return stored_mode(context.connection, envelope.table, table, op.column_name)
 
 
 def _other_changes(op: ops.AlterColumnOp) -> bool:

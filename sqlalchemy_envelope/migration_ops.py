@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import sqlalchemy as sa
 from alembic.operations import MigrateOperation, Operations
@@ -85,6 +85,12 @@ class KeyringOp(MigrateOperation):
         self.schema = schema
         self.envelope = envelope
 
+    #: The operation's name in ``alembic check``'s list of changes.
+    diff_name: ClassVar[str]
+
+    def to_diff_tuple(self) -> tuple[Any, ...]:
+        return (self.diff_name, self.schema, self.table_name or DEFAULT_TABLE)
+
     def table(self, context: MigrationContext) -> sa.Table:
         found = self.envelope or registered_envelope(context)
         name = self.table_name or (found.table.name if found is not None else DEFAULT_TABLE)
@@ -96,6 +102,8 @@ class KeyringOp(MigrateOperation):
 @Operations.register_operation("create_keyring_table")
 class CreateKeyringTableOp(KeyringOp):
     """Create the envelope's keyring table (pure DDL: works in offline mode too)."""
+
+    diff_name = "create_keyring_table"
 
     @classmethod
     def create_keyring_table(
@@ -116,6 +124,8 @@ class CreateKeyringTableOp(KeyringOp):
 @Operations.register_operation("drop_keyring_table")
 class DropKeyringTableOp(KeyringOp):
     """Drop the keyring table and every data key in it: encrypted values become unreadable."""
+
+    diff_name = "drop_keyring_table"
 
     @classmethod
     def drop_keyring_table(
@@ -164,10 +174,18 @@ class ColumnOp(MigrateOperation):
         self.schema = schema
         self.envelope = envelope
 
+    #: The operation's name in ``alembic check``'s list of changes.
+    diff_name: ClassVar[str]
+
+    def to_diff_tuple(self) -> tuple[Any, ...]:
+        return (self.diff_name, self.schema, self.table_name, self.column_name, self.type_)
+
 
 @Operations.register_operation("encrypt_column")
 class EncryptColumnOp(ColumnOp):
     """Encrypt an existing plaintext column in place (see :func:`jobs.encrypt_column`)."""
+
+    diff_name = "encrypt_column"
 
     @classmethod
     def encrypt_column(
@@ -215,6 +233,8 @@ class EncryptColumnOp(ColumnOp):
 class DecryptColumnOp(ColumnOp):
     """Restore an encrypted column to plaintext in place (see :func:`jobs.decrypt_column`)."""
 
+    diff_name = "decrypt_column"
+
     @classmethod
     def decrypt_column(
         cls,
@@ -247,6 +267,8 @@ class DecryptColumnOp(ColumnOp):
 @Operations.register_operation("reencrypt_column")
 class ReencryptColumnOp(ColumnOp):
     """Move a column's values to its scope's active key (see :func:`jobs.reencrypt`)."""
+
+    diff_name = "reencrypt_column"
 
     @classmethod
     def reencrypt_column(

@@ -68,7 +68,10 @@ def create_plain_people(op: Operations) -> None:
     )
 
 
-def insert_people(engine: sa.Engine, n: int = 120) -> list[tuple[Any, ...]]:
+def insert_people(
+    engine: sa.Engine, n: int = 120, table: sa.Table | None = None
+) -> list[tuple[Any, ...]]:
+    """``n`` rows, written through ``table`` (default: as they are, into a plain table)."""
     import datetime as dt
 
     rows = [
@@ -82,7 +85,8 @@ def insert_people(engine: sa.Engine, n: int = 120) -> list[tuple[Any, ...]]:
         for i in range(1, n + 1)
     ]
     with engine.begin() as conn:
-        conn.execute(sa.table("people", *(sa.column(k) for k in rows[0])).insert(), rows)
+        target = table if table is not None else sa.table("people", *map(sa.column, rows[0]))
+        conn.execute(target.insert(), rows)
     return [tuple(r.values()) for r in rows]
 
 
@@ -290,6 +294,10 @@ def test_autogenerate_turns_a_type_change_into_encrypt_column(
         imports = rendered_imports(context, script.upgrade_ops)
     upgrade_ops = [o for o in script.upgrade_ops.ops[0].ops]  # type: ignore[attr-defined]
     assert sorted(type(o).__name__ for o in upgrade_ops) == ["EncryptColumnOp"] * 3
+    diffs = script.upgrade_ops.as_diffs()  # what `alembic check` lists
+    assert sorted(d[:4] for d in diffs) == [
+        ("encrypt_column", None, "people", c) for c in ("born", "email", "name")
+    ]
     encrypted = "sqlalchemy_envelope.Encrypted(sa.String(length=120), deterministic=True)"
     assert f"op.encrypt_column('people', 'email', {encrypted})" in upgrade
     assert "op.decrypt_column('people', 'name', sa.String(length=80))" in downgrade
@@ -306,6 +314,92 @@ def test_autogenerate_turns_a_type_change_into_encrypt_column(
     plain = sa.Table("people", sa.MetaData(), autoload_with=engine)
     with engine.connect() as conn:
         assert [tuple(r) for r in conn.execute(in_order(plain))] == expected
+
+
+def autogenerate(engine: sa.Engine, metadata: sa.MetaData) -> tuple[ops.MigrationScript, str, str]:
+    """``(script, upgrade, downgrade)`` as ``alembic revision --autogenerate`` makes them."""
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"target_metadata": metadata})
+        script = produce_migrations(context, metadata)
+        envelope_alembic.process_revision_directives(context, ("head",), [script])
+    assert script.upgrade_ops is not None and script.downgrade_ops is not None
+    render = envelope_alembic.render_item
+    return (
+        script,
+        render_python_code(script.upgrade_ops, render_item=render),
+        render_python_code(script.downgrade_ops, render_item=render),
+    )
+
+
+def test_autogenerate_turns_dropping_encrypted_into_decrypt_column(
+    engine: sa.Engine, migrate: Callable[..., Operations], local_kms: LocalKms
+) -> None:
+    """The database's side of the change is a binary column: its values say it is ours.
+    A plain ALTER from binary to text would keep the ciphertext as the new plaintext."""
+    metadata, envelope = models()
+    metadata.create_all(engine)
+    envelope.configure(kms=local_kms, engine=engine)
+    people = metadata.tables["people"]
+    expected = insert_people(engine, 30, people)
+    plain_metadata = sa.MetaData()
+    Envelope(plain_metadata, table_name="envelope_data_keys").configure(
+        kms=local_kms, engine=engine
+    )
+    sa.Table(
+        "people",
+        plain_metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("name", sa.String(80), nullable=False),
+        sa.Column("email", sa.String(120), unique=True),
+        sa.Column("born", sa.Date),
+        sa.Column("city", sa.String(50)),
+    )
+    _, upgrade, downgrade = autogenerate(engine, plain_metadata)
+    assert "alter_column" not in upgrade + downgrade
+    assert "op.decrypt_column('people', 'name', sa.String(length=80))" in upgrade
+    assert "op.decrypt_column('people', 'born', sa.Date())" in upgrade
+    encrypted = "sqlalchemy_envelope.Encrypted(sa.String(length=120), deterministic=True)"
+    assert f"op.encrypt_column('people', 'email', {encrypted})" in downgrade
+    assert "sqlalchemy_envelope.Encrypted(sa.Date(), scope='dates')" in downgrade
+
+    namespace: dict[str, Any] = {"op": migrate(plain_metadata), "sa": sa}
+    exec("import sqlalchemy_envelope", namespace)
+    run(upgrade, namespace)
+    plain = sa.Table("people", sa.MetaData(), autoload_with=engine)
+    with engine.connect() as conn:
+        assert [tuple(r) for r in conn.execute(in_order(plain))] == expected
+    namespace["op"] = migrate(plain_metadata)
+    run(downgrade, namespace)
+    with engine.connect() as conn:  # encrypted again, as the models that had Encrypted read it
+        assert [tuple(r) for r in conn.execute(sa.select(people).order_by(people.c.id))] == expected
+    assert autogenerate(engine, metadata)[0].upgrade_ops.is_empty()  # type: ignore[union-attr]
+
+
+def test_autogenerate_resizes_an_encrypted_column_without_decrypting_it(
+    mysql_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    """On MySQL the binary column's size follows the String length: a longer String is
+    a type change of a column already encrypted, both ways, not an encryption."""
+    engine = make_engine(mysql_url)
+    metadata, envelope = models()
+    metadata.create_all(engine)
+    envelope.configure(kms=local_kms, engine=engine)
+    expected = insert_people(engine, 10, metadata.tables["people"])
+    longer, _ = models()
+    longer.tables["people"].c.email.type = Encrypted(sa.String(400), envelope, deterministic=True)
+    _, upgrade, downgrade = autogenerate(engine, longer)
+    assert "encrypt_column" not in upgrade + downgrade
+    assert "decrypt_column" not in upgrade + downgrade
+    assert "op.alter_column('people', 'email'" in upgrade
+    namespace: dict[str, Any] = {"op": Operations(MigrationContext.configure(engine.connect()))}
+    exec("import sqlalchemy as sa\nimport sqlalchemy_envelope", namespace)
+    run(upgrade, namespace)
+    namespace["op"].get_context().connection.commit()
+    people = metadata.tables["people"]
+    with engine.begin() as conn:
+        conn.execute(people.update().where(people.c.id == 1).values(email="x" * 400))
+        rows = conn.execute(sa.select(people).order_by(people.c.id)).all()
+    assert [tuple(r) for r in rows[1:]] == expected[1:] and rows[0].email == "x" * 400
 
 
 def test_autogenerate_leaves_the_jobs_table_alone(engine: sa.Engine, local_kms: LocalKms) -> None:

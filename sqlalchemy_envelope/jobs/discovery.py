@@ -179,7 +179,24 @@ def _binary_columns(table: sa.Table) -> list[str]:
     ]
 
 
-def _sample(conn: Connection, table: sa.Table, column: str) -> list[tuple[int, int] | None]:
+def stored_mode(
+    conn: Connection, keyring: sa.Table, table: sa.TableClause, column: str
+) -> tuple[str, bool] | None:
+    """``(scope, deterministic)`` of the values ``column`` holds, if most of a sample are
+    ours (headers naming keys of ``keyring``); None for plaintext or an empty column."""
+    inspector = sa.inspect(conn)
+    if not inspector.has_table(keyring.name, schema=keyring.schema):
+        return None
+    key_scopes = {
+        row.id: row.scope for row in conn.execute(sa.select(keyring.c.id, keyring.c.scope))
+    }
+    heads = _sample(conn, table, column)
+    if not _looks_encrypted(heads, key_scopes):
+        return None
+    return _stored_mode(table.name, heads, key_scopes)
+
+
+def _sample(conn: Connection, table: sa.TableClause, column: str) -> list[tuple[int, int] | None]:
     """Parsed headers of a few stored values (None where a value is not ours)."""
     col = sa.column(column, sa.LargeBinary)
     stmt = sa.select(col).select_from(table).where(col.is_not(None)).limit(SAMPLE_SIZE)
@@ -202,11 +219,16 @@ def _mode(
     declared = types.get(column)
     if declared is not None:
         return declared.scope or table, declared.deterministic
+    scope, deterministic = _stored_mode(table, heads, key_scopes)
+    return envelope.columns.get((table, column), scope), deterministic
+
+
+def _stored_mode(
+    table: str, heads: list[tuple[int, int] | None], key_scopes: dict[int, str]
+) -> tuple[str, bool]:
+    """The scope of most sampled values' keys and their most common algorithm."""
     ours = [h for h in heads if h is not None and h[1] in key_scopes]
     algorithms = Counter(a for a, _ in ours)
     deterministic = bool(algorithms) and algorithms.most_common(1)[0][0] == wire.DETERMINISTIC
-    scope = envelope.columns.get((table, column))
-    if scope is None:
-        scopes = Counter(key_scopes[k] for _, k in ours)
-        scope = scopes.most_common(1)[0][0] if scopes else table
-    return scope, deterministic
+    scopes = Counter(key_scopes[k] for _, k in ours)
+    return (scopes.most_common(1)[0][0] if scopes else table), deterministic
