@@ -65,10 +65,12 @@ def _integer() -> Codec:
 
 def _numeric(asdecimal: bool) -> Codec:
     def encode(value: Any) -> bytes:
-        if isinstance(value, float):
-            value = Decimal(repr(value))
-        elif not isinstance(value, (Decimal, int)) or isinstance(value, bool):
+        if isinstance(value, float):  # numpy's float64 too, whose repr names its type
+            value = Decimal(repr(float(value)))
+        elif isinstance(value, bool):
             raise TypeError
+        elif not isinstance(value, Decimal):
+            value = operator.index(value)  # int, numpy's integers; TypeError otherwise
         return str(value).encode()
 
     if asdecimal:

@@ -28,7 +28,7 @@ from .errors import ConfigurationError, DecryptionError, ValueTypeError, where
 if TYPE_CHECKING:
     from .envelope import Envelope
 
-_BAD_VALUE = (TypeError, ValueError, AttributeError, LookupError, OverflowError)
+_BAD_VALUE = (TypeError, ValueError, AttributeError, LookupError, ArithmeticError)
 
 #: Drivers that bind ``bytes`` as a binary parameter as is. For them the bind
 #: processor skips ``LargeBinary``'s own, which wraps each value in
@@ -322,8 +322,9 @@ class Encrypted(TypeDecorator[Any]):
         return self.result_processor(dialect, None)(value)
 
     # -- deterministic lookups -------------------------------------------------------
-    def lookup_ciphertexts(self, values: tuple[Any, ...]) -> list[bytes]:
-        """Every stored form of ``values`` under the scope's readable keys (at execution)."""
+    def lookup_ciphertexts(self, values: tuple[Any, ...]) -> list[bytes | None]:
+        """Every stored form of ``values`` under the scope's readable keys (at execution);
+        a None stays NULL, so ``IN`` / ``NOT IN`` treat it as SQL does."""
         crypter = self.crypter()
         codec = codec_for(self.inner_type)
         try:
@@ -332,4 +333,5 @@ class Encrypted(TypeDecorator[Any]):
             plaintexts = None
         if plaintexts is None:  # outside the except block: no __context__ quoting the value
             raise ValueTypeError(f"{crypter.where()}: expected {codec.expects} in the comparison")
-        return [c.head + c.seal(p) for c in crypter.for_lookup() for p in plaintexts]
+        nulls: list[bytes | None] = [None] if any(v is None for v in values) else []
+        return [c.head + c.seal(p) for c in crypter.for_lookup() for p in plaintexts] + nulls

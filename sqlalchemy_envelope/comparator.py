@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql import operators
-from sqlalchemy.sql.elements import BinaryExpression, ColumnClause, ColumnElement
+from sqlalchemy.sql.elements import BinaryExpression, ColumnClause, ColumnElement, Null
 from sqlalchemy.types import TypeDecorator
 
 from .errors import EncryptedComparisonError
@@ -61,7 +61,7 @@ class EncryptedComparator(TypeDecorator.Comparator[Any]):
         if op in _PASS:
             return super().operate(op, *other, **kwargs)
         type_: Encrypted = self.expr.type  # type: ignore[assignment]
-        if op in (operators.eq, operators.ne) and other and other[0] is None:
+        if op in (operators.eq, operators.ne) and other and _is_null(other[0]):
             return super().operate(op, *other, **kwargs)  # renders IS [NOT] NULL
         if op in (operators.eq, operators.ne) and other and _itself(self.expr, other[0]):
             # Not a user's comparison: SQLAlchemy finding a column among others
@@ -121,6 +121,10 @@ def _refuse(element: ColumnComparison, compiler: Any, **kw: Any) -> str:
         f"{_name(element.left)} is encrypted, so SQL cannot compare it with another "
         f"column ({_name(element.right)}): each column encrypts under its own sub-key"
     )
+
+
+def _is_null(value: Any) -> bool:
+    return value is None or isinstance(value, Null)
 
 
 def _clause(value: Any) -> Any:

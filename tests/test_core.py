@@ -124,6 +124,25 @@ def test_cached_lookup_statements_encrypt_each_new_value(
     assert len(cache) == 1  # one compiled form, two different lookups
 
 
+def test_deterministic_lookups_treat_null_as_sql_does(
+    people: tuple[sa.Engine, sa.Table],
+) -> None:
+    engine, t = people
+    with engine.begin() as conn:
+        conn.execute(t.insert(), [{"id": 1, "email": "a@x"}, {"id": 2, "email": None}])
+
+    def ids(*where: sa.ColumnElement[bool]) -> list[int]:
+        with engine.connect() as conn:
+            return list(conn.execute(sa.select(t.c.id).where(*where).order_by(t.c.id)).scalars())
+
+    assert ids(t.c.email == sa.null()) == ids(t.c.email.is_(None)) == [2]
+    assert ids(t.c.email != sa.null()) == [1]
+    assert ids(t.c.email.in_(["a@x", None])) == [1]  # NULL equals nothing, as in SQL
+    assert ids(t.c.email.not_in(["b@x"])) == [1]  # NOT IN is unknown for a NULL row
+    assert ids(t.c.email.not_in([None])) == []  # NOT IN (NULL) is never true
+    assert ids(t.c.email.not_in(["b@x", None])) == []
+
+
 def test_building_statements_needs_no_configuration() -> None:
     from sqlalchemy_envelope import ConfigurationError
 

@@ -140,6 +140,34 @@ def test_wrong_python_type_is_a_clear_error_naming_the_column(
         assert conn.execute(sa.select(sa.func.count()).select_from(table)).scalar() == 0
 
 
+class NumpyLikeFloat(float):
+    """Like numpy's float64 (what pandas' to_dict() gives): a float whose repr names its type."""
+
+    def __repr__(self) -> str:
+        return f"np.float64({float(self)})"
+
+
+class NumpyLikeInt:
+    """Like numpy's int64: not an int, but an integer through __index__."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __index__(self) -> int:
+        return self.value
+
+
+def test_numeric_takes_float_and_integer_lookalikes(
+    store: Callable[[str], tuple[sa.Engine, sa.Table]],
+) -> None:
+    engine, table = store("numeric")
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"id": 1, "value": NumpyLikeFloat(12.5)}])
+        conn.execute(table.insert(), [{"id": 2, "value": NumpyLikeInt(7)}])
+        got = conn.execute(sa.select(table.c.value).order_by(table.c.id)).scalars().all()
+    assert got == [decimal.Decimal("12.5"), decimal.Decimal("7")]
+
+
 @pytest.mark.parametrize("inner", [sa.ARRAY(sa.Integer), sa.PickleType(), sa.types.NullType()])
 def test_unsupported_inner_type_is_a_type_error_at_declaration(inner: Any) -> None:
     with pytest.raises(TypeError, match="cannot be encrypted"):
