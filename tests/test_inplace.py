@@ -1023,3 +1023,30 @@ def test_decrypt_to_a_native_enum_declared_with_a_length(
         ]
         conn.exec_driver_sql("DROP TABLE levels")
         conn.exec_driver_sql("DROP TYPE lvl")
+
+
+def test_decrypt_to_a_native_enum_creates_its_type(
+    pg_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    """A table created with the column already Encrypted(Enum) has no ENUM type yet."""
+    engine = make_engine(pg_url)
+    envelope = envelope_on(engine, local_kms)
+    metadata = sa.MetaData()
+    colors = sa.Enum("red", "blue", name="colors_x")
+    table = sa.Table(
+        "paints",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("color", Encrypted(colors, envelope)),
+    )
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"id": 1, "color": "red"}, {"id": 2, "color": None}])
+        assert not sa.inspect(conn).get_enums()
+    assert decrypt_column(envelope, engine, "paints", "color", colors).swapped
+    with engine.begin() as conn:
+        assert [e["name"] for e in sa.inspect(conn).get_enums()] == ["colors_x"]
+        got = conn.exec_driver_sql("SELECT color::text FROM paints ORDER BY id").all()
+        assert [tuple(r) for r in got] == [("red",), (None,)]
+        conn.exec_driver_sql("DROP TABLE paints")
+        conn.exec_driver_sql("DROP TYPE colors_x")

@@ -403,6 +403,9 @@ class Conversion:
         def add() -> None:  # takes the table lock; one transaction with the trigger (not MySQL)
             nonlocal added
             added = False
+            if isinstance(self.shadow_type, sa.types.SchemaType):
+                # A PostgreSQL ENUM type the plain column needs (Encrypted's never made one).
+                self.shadow_type.create(conn, checkfirst=True)
             self._ddl(conn, f"ADD COLUMN {spec.compile(dialect=conn.dialect)}")
             added = True
 
