@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import numbers
 import operator
 import struct
 import uuid
@@ -65,12 +66,14 @@ def _integer() -> Codec:
 
 def _numeric(asdecimal: bool) -> Codec:
     def encode(value: Any) -> bytes:
-        if isinstance(value, float):  # numpy's float64 too, whose repr names its type
-            value = Decimal(repr(float(value)))
-        elif isinstance(value, bool):
+        if isinstance(value, bool):
             raise TypeError
+        if isinstance(value, numbers.Integral):  # int, numpy's integers
+            value = operator.index(value)
+        elif isinstance(value, numbers.Real) and not isinstance(value, numbers.Rational):
+            value = Decimal(repr(float(value)))  # float, numpy's floats (their repr names them)
         elif not isinstance(value, Decimal):
-            value = operator.index(value)  # int, numpy's integers; TypeError otherwise
+            raise TypeError
         return str(value).encode()
 
     if asdecimal:
@@ -83,8 +86,8 @@ def _float(asdecimal: bool) -> Codec:
         return _numeric(True)
 
     def encode(value: Any) -> bytes:
-        if not isinstance(value, (float, int, Decimal)) or isinstance(value, bool):
-            raise TypeError
+        if not isinstance(value, (numbers.Real, Decimal)) or isinstance(value, bool):
+            raise TypeError  # float, int, Decimal and numpy's numbers go
         return _DOUBLE.pack(float(value))
 
     return Codec(encode, lambda b: _DOUBLE.unpack(b)[0], "float")

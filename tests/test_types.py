@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import enum
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -148,7 +149,7 @@ class NumpyLikeFloat(float):
 
 
 class NumpyLikeInt:
-    """Like numpy's int64: not an int, but an integer through __index__."""
+    """Like numpy's int64: not an int, but an Integral with __index__."""
 
     def __init__(self, value: int) -> None:
         self.value = value
@@ -156,16 +157,48 @@ class NumpyLikeInt:
     def __index__(self) -> int:
         return self.value
 
+    def __float__(self) -> float:
+        return float(self.value)
 
-def test_numeric_takes_float_and_integer_lookalikes(
+
+numbers.Integral.register(NumpyLikeInt)
+
+
+class NumpyLikeFloat32:
+    """Like numpy's float32: a Real, not a float."""
+
+    def __float__(self) -> float:
+        return 0.25
+
+
+numbers.Real.register(NumpyLikeFloat32)
+
+
+@pytest.mark.parametrize(
+    ("name", "values", "expected"),
+    [
+        (
+            "numeric",
+            [NumpyLikeFloat(12.5), NumpyLikeInt(7), NumpyLikeFloat32()],
+            ["12.5", "7", "0.25"],
+        ),
+        ("float", [NumpyLikeFloat(12.5), NumpyLikeInt(7), NumpyLikeFloat32()], [12.5, 7.0, 0.25]),
+    ],
+)
+def test_numbers_take_numpy_lookalikes(
     store: Callable[[str], tuple[sa.Engine, sa.Table]],
+    name: str,
+    values: list[Any],
+    expected: list[Any],
 ) -> None:
-    engine, table = store("numeric")
+    """What pandas' to_dict() hands over: numpy's float64, float32 and int64."""
+    engine, table = store(name)
     with engine.begin() as conn:
-        conn.execute(table.insert(), [{"id": 1, "value": NumpyLikeFloat(12.5)}])
-        conn.execute(table.insert(), [{"id": 2, "value": NumpyLikeInt(7)}])
+        conn.execute(table.insert(), [{"id": i, "value": v} for i, v in enumerate(values, 1)])
         got = conn.execute(sa.select(table.c.value).order_by(table.c.id)).scalars().all()
-    assert got == [decimal.Decimal("12.5"), decimal.Decimal("7")]
+    if name == "numeric":
+        expected = [decimal.Decimal(e) for e in expected]
+    assert got == expected
 
 
 @pytest.mark.parametrize("inner", [sa.ARRAY(sa.Integer), sa.PickleType(), sa.types.NullType()])
