@@ -919,8 +919,13 @@ def test_collations_and_uniques_are_read_from_the_column_definitions_only() -> N
     }
     assert column_collations(column_definitions("CREATE TABLE t(a, b)")) == {}
     sql = """CREATE TABLE t (a VARCHAR(5) NOT NULL UNIQUE, "b" INT CONSTRAINT "u b" UNIQUE,
-        c TEXT DEFAULT 'UNIQUE' CHECK (c != 'UNIQUE'), UNIQUE (c))"""
-    assert inline_uniques(column_definitions(sql)) == {"a": None, "b": "u b"}
+        c TEXT DEFAULT 'UNIQUE' CHECK (c != 'UNIQUE'), d TEXT NOT NULL/* UNIQUE */,
+        e TEXT NULL-- COLLATE NOCASE UNIQUE
+        , f INT DEFAULT -1 CHECK (f > -2), UNIQUE (c))"""
+    definitions = column_definitions(sql)
+    assert inline_uniques(definitions) == {"a": None, "b": "u b"}
+    assert column_collations(definitions) == {}
+    assert definitions["f"] == ["INT", "DEFAULT", "-1", "CHECK"]
 
 
 def test_postgres_swap_keeps_the_columns_comment_and_privileges(

@@ -182,7 +182,7 @@ _TOKEN = re.compile(
     | --[^\n]*             # a comment to the end of the line
     | /\*.*?(?:\*/|$)      # a /* comment */
     | [(),]
-    | [^\s(),"'`\[]+       # a word
+    | (?:[^\s(),"'`\[/-]|/(?!\*)|-(?!-))+  # a word, up to a comment's start
     """,
     re.VERBOSE | re.DOTALL,
 )
