@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 import sqlalchemy as sa
@@ -17,7 +18,7 @@ from alembic.runtime.migration import MigrationContext
 
 from .column import Encrypted
 from .jobs.claims import jobs_table_name
-from .jobs.discovery import stored_mode
+from .jobs.discovery import Stored, sample_column
 from .migration_ops import (
     DEFAULT_TABLE,
     ColumnOp,
@@ -28,6 +29,8 @@ from .migration_ops import (
     KeyringOp,
     registered_envelope,
 )
+
+log = logging.getLogger("sqlalchemy_envelope")
 
 
 def render_item(type_: str, obj: Any, autogen_context: AutogenContext) -> str | Literal[False]:
@@ -119,35 +122,41 @@ def _convert_type_change(context: MigrationContext, revision: Any, op: ops.Alter
     """A type change that encrypts or decrypts a column becomes encrypt/decrypt_column.
 
     One side of the change is what the models declare, the other what the
-    database holds (its reflected type: binary for an encrypted column). So
-    besides the models' ``Encrypted``, what the column holds now decides:
-    binary values of ours mean the column is encrypted already.
+    database holds: its reflected type, binary for an encrypted column. A
+    sample of the column's values settles what the types cannot, and where
+    the sample is empty (a development database), the reading that cannot
+    lose data on a database that has values is taken.
     """
     new, old = op.modify_type, op.existing_type
     if new is None or old is None or _other_changes(op):
         return op  # leave a combined change to the author
     if isinstance(new, Encrypted):
-        if _binary(old) and _stored_mode(context, op) is not None:
-            return op  # encrypted already: the binary column's size changes (MySQL)
+        if _binary(old) and _encrypted_already(context, op, new.inner_type):
+            return op  # a change of the binary column's size (MySQL)
         return EncryptColumnOp(op.table_name, op.column_name, new, schema=op.schema)
     if isinstance(old, Encrypted):  # the downgrade of the above
-        if _binary(new) and _stored_mode(context, op) is not None:
+        if _binary(new) and _encrypted_already(context, op, old.inner_type):
             return op
         # The inner type the values were encoded with, which is what the column held before.
         return DecryptColumnOp(op.table_name, op.column_name, old.inner_type, schema=op.schema)
-    # No Encrypted on either side: the models dropped it from a column that holds
-    # our values (binary to plain), or this is that change's downgrade.
+    # No Encrypted on either side: the models dropped it from a binary column that
+    # holds our values (an ALTER would keep the ciphertext as the new values), or
+    # this is that change's downgrade. Values that are not ours: the author's change.
     if _binary(old) == _binary(new):
         return op
-    stored = _stored_mode(context, op)
-    if stored is None:
+    stored = _sample(context, op)
+    if stored.values and not stored.ours:
         return op
     if _binary(old):
         return DecryptColumnOp(op.table_name, op.column_name, new, schema=op.schema)
-    scope, deterministic = stored
-    encrypted = Encrypted(
-        old, deterministic=deterministic, scope=None if scope == op.table_name else scope
-    )
+    if not stored.values:
+        log.warning(
+            "%s.%s holds no values that tell how it was encrypted: the downgrade encrypts it "
+            "randomized under the table's scope; correct it if the models said otherwise",
+            op.table_name, op.column_name,
+        )  # fmt: skip
+    scope = None if stored.scope in (None, op.table_name) else stored.scope
+    encrypted = Encrypted(old, deterministic=stored.deterministic, scope=scope)
     return EncryptColumnOp(op.table_name, op.column_name, encrypted, schema=op.schema)
 
 
@@ -155,13 +164,26 @@ def _binary(type_: Any) -> bool:
     return isinstance(type_, sa.types._Binary) and not isinstance(type_, Encrypted)
 
 
-def _stored_mode(context: MigrationContext, op: ops.AlterColumnOp) -> tuple[str, bool] | None:
-    """``(scope, deterministic)`` of the values the column holds, if they are ours."""
+def _encrypted_already(context: MigrationContext, op: ops.AlterColumnOp, inner: Any) -> bool:
+    """Whether a binary column that the models declare Encrypted holds our values already.
+
+    Text, numbers or dates are never stored in a binary column, so for them it
+    does (a String's length changes the binary column's size on MySQL); a
+    binary inner type is ours only where a sample says so: encrypt_column on
+    a column encrypted already changes nothing.
+    """
+    if not _binary(inner):
+        return True
+    stored = _sample(context, op)
+    return stored.values and stored.ours
+
+
+def _sample(context: MigrationContext, op: ops.AlterColumnOp) -> Stored:
     envelope = registered_envelope(context)
     if envelope is None or context.connection is None:
-        return None
+        return Stored(values=True, ours=False)  # nothing to tell by: the author's change
     table = sa.table(op.table_name, sa.column(op.column_name), schema=op.schema)
-    return stored_mode(context.connection, envelope.table, table, op.column_name)
+    return sample_column(context.connection, envelope.table, table, op.column_name)
 
 
 def _other_changes(op: ops.AlterColumnOp) -> bool:

@@ -179,21 +179,33 @@ def _binary_columns(table: sa.Table) -> list[str]:
     ]
 
 
-def stored_mode(
+@dataclass(frozen=True)
+class Stored:
+    """What a sample of a column's values tells: whether it holds any, whether they are ours."""
+
+    values: bool
+    ours: bool
+    scope: str | None = None
+    deterministic: bool = False
+
+
+def sample_column(
     conn: Connection, keyring: sa.Table, table: sa.TableClause, column: str
-) -> tuple[str, bool] | None:
-    """``(scope, deterministic)`` of the values ``column`` holds, if most of a sample are
-    ours (headers naming keys of ``keyring``); None for plaintext or an empty column."""
-    inspector = sa.inspect(conn)
-    if not inspector.has_table(keyring.name, schema=keyring.schema):
-        return None
-    key_scopes = {
-        row.id: row.scope for row in conn.execute(sa.select(keyring.c.id, keyring.c.scope))
-    }
+) -> Stored:
+    """Whether ``column`` holds values, and whether most are ours (headers naming keys of
+    ``keyring``, which may not exist: then none are), with their scope and mode."""
     heads = _sample(conn, table, column)
+    if not heads:
+        return Stored(values=False, ours=False)
+    if not sa.inspect(conn).has_table(keyring.name, schema=keyring.schema):
+        return Stored(values=True, ours=False)
+    key_scopes = {
+        key: scope for key, scope in conn.execute(sa.select(keyring.c.id, keyring.c.scope))
+    }
     if not _looks_encrypted(heads, key_scopes):
-        return None
-    return _stored_mode(table.name, heads, key_scopes)
+        return Stored(values=True, ours=False)
+    scope, deterministic = _stored_mode(table.name, heads, key_scopes)
+    return Stored(values=True, ours=True, scope=scope, deterministic=deterministic)
 
 
 def _sample(conn: Connection, table: sa.TableClause, column: str) -> list[tuple[int, int] | None]:
