@@ -31,6 +31,7 @@ from sqlalchemy_envelope import (
 )
 from sqlalchemy_envelope.jobs import (
     abandon_conversion,
+    conversion,
     decrypt_column,
     encrypt_column,
     trigger,
@@ -473,6 +474,32 @@ def test_a_worker_that_finds_the_job_swapped_meanwhile_leaves_no_trigger(
         assert not trigger.exists(conn, "records", None, "s__envelope")
         conn.execute(table.update().where(table.c.id == 1).values(code="still writable"))
     assert read(engine, encrypted_view(table, envelope, ["s"]))[1:] == before[1:]
+
+
+@pytest.mark.parametrize("distributed", [False, True], ids=["single", "distributed"])
+def test_a_run_that_finds_the_column_swapped_before_it_counts_is_done(
+    setup: tuple[Envelope, sa.Engine, sa.Table, list[tuple[Any, ...]]],
+    monkeypatch: pytest.MonkeyPatch,
+    distributed: bool,
+) -> None:
+    """Run B found the conversion half-done; run A finishes it, swap included, before B
+    counts the rows left: B's count names a column that is gone. B is done, not failed."""
+    envelope, engine, table, before = setup
+    type_ = Encrypted(sa.String(40))
+    # The interrupted run's claim lapses at once: run A need not wait to take it over.
+    options: dict[str, Any] = {"distributed": True, "lease": 0.2} if distributed else {}
+    stop_after_a_batch(envelope, engine, **options)
+    count = conversion.count
+
+    def other_run_first(*args: Any) -> int:
+        monkeypatch.setattr(conversion, "count", count)
+        assert encrypt_column(envelope, engine, "records", "s", type_, **options).swapped
+        return count(*args)
+
+    monkeypatch.setattr(conversion, "count", other_run_first)
+    run_b = encrypt_column(envelope, engine, "records", "s", type_, **options)
+    assert run_b.already_done and not run_b.swapped
+    assert read(engine, encrypted_view(table, envelope, ["s"])) == before
 
 
 def test_a_failing_trigger_takes_its_shadow_back_at_once(

@@ -223,10 +223,6 @@ class Conversion:
                         "please report it); nothing was swapped, the job can be run again"
                     )
 
-            total = count(conn, table, *todo)
-            log.info("%s %s: %d rows to convert, into %s", self.verb, where, total, self.shadow)
-            ticker = Ticker(self.verb, where, total)
-
             def work(lo: Key | None, hi: Key | None, renew: Callable[[], None]) -> None:
                 for rows in walk(
                     conn, query, pk, convert, batch_size=batch_size, lo=lo, hi=hi,
@@ -264,7 +260,10 @@ class Conversion:
                     report.swapped = True
 
             failure: Exception | None = None
-            try:
+            try:  # from here on, another run may swap the column away at any point
+                total = count(conn, table, *todo)
+                log.info("%s %s: %d rows to convert, into %s", self.verb, where, total, self.shadow)
+                ticker = Ticker(self.verb, where, total)
                 if distributed:
                     jobs = jobs_table(jobs_table_name(envelope), self.schema)
                     shared = SharedJob(
@@ -283,11 +282,9 @@ class Conversion:
                 failure = exc
             # Decided outside the handler: nothing raised now chains the failure along.
             if failure is not None:
-                if (
-                    not distributed
-                    and isinstance(failure, (sa.exc.DBAPIError, ConfigurationError))
-                    and self._finished_elsewhere(conn)
-                ):
+                if isinstance(
+                    failure, (sa.exc.DBAPIError, ConfigurationError)
+                ) and self._finished_elsewhere(conn):
                     log.info("%s %s: another run finished the conversion", self.verb, where)
                     report.already_done = True
                 else:
