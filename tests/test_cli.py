@@ -326,6 +326,12 @@ def test_failures_exit_1_with_one_line(sqlite_db: Db, tmp_path: Path) -> None:
     )
     assert run.err.strip().count("\n") == 0
     expect(db.cli("verify", "no_such_table"), 1, "no_such_table")
+    engine = sa.create_engine(db.url)
+    with engine.begin() as conn:  # a table with nothing encrypted is no "ok"
+        conn.exec_driver_sql("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+        conn.exec_driver_sql("INSERT INTO notes VALUES (1, 'plain')")
+    engine.dispose()
+    expect(db.cli("verify", "notes"), 1, "table 'notes' has no binary column")
     empty = tmp_path / "empty.db"
     sa.create_engine(f"sqlite:///{empty}").connect().close()
     expect(cli("--url", f"sqlite:///{empty}", "keys", "list"), 1, "no keyring table")

@@ -108,6 +108,11 @@ def resolve(
         )
     if not wanted and not unconverted:
         # Nothing declared: find the encrypted columns from their values.
+        if not samples:
+            raise ConfigurationError(
+                f"table {name!r} has no binary column, so none of its columns is encrypted "
+                "(to encrypt one, see encrypt_column)"
+            )
         wanted = [c for c, heads in samples.items() if _looks_encrypted(heads, key_scopes)]
         if not wanted and any(samples.values()):
             raise ConfigurationError(
