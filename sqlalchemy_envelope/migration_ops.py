@@ -323,13 +323,11 @@ def _decrypt_column(operations: Operations, op: DecryptColumnOp) -> None:
 
 @Operations.implementation_for(ReencryptColumnOp)
 def _reencrypt_column(operations: Operations, op: ReencryptColumnOp) -> None:
-    table: Any = op.table_name
-    if op.schema is not None:
-        table = sa.Table(op.table_name, sa.MetaData(), schema=op.schema)
     with _batch_job(operations, "reencrypt_column", op.envelope) as (envelope, engine):
-        jobs.reencrypt(
-            envelope, table, columns=[op.column_name], batch_size=op.batch_size, bind=engine
-        )
+        jobs.reencrypt_column(
+            envelope, engine, op.table_name, op.column_name,
+            batch_size=op.batch_size, schema=op.schema,
+        )  # fmt: skip
 
 
 def _engine(context: MigrationContext) -> sa.Engine:

@@ -34,6 +34,7 @@ from sqlalchemy_envelope.jobs import (
     conversion,
     decrypt_column,
     encrypt_column,
+    reencrypt_column,
     trigger,
     verify,
 )
@@ -445,8 +446,21 @@ def test_a_table_in_another_schema(
     with engine.connect() as conn:
         assert not trigger.exists(conn, "records", "envelope_other", "s__envelope")
         assert conn.execute(functions).scalar_one() == 0
+    old_key = wire.key_id_of(raw_values(engine, table, "s")[0])
+    envelope.rotate("records")
+    moved = reencrypt_column(envelope, engine, "records", "s", schema="envelope_other")
+    assert moved.rows == 100 and old_key not in {
+        wire.key_id_of(v) for v in raw_values(engine, table, "s")
+    }
+    assert read(engine, view) == [(1, "changed")] + [(i, f"v{i}") for i in range(2, 101)]
     with engine.begin() as conn:
         conn.exec_driver_sql("DROP SCHEMA envelope_other CASCADE")
+
+
+def raw_values(engine: sa.Engine, table: sa.Table, column: str) -> list[bytes]:
+    with engine.connect() as conn:
+        raw = sa.select(sa.column(column, sa.LargeBinary)).select_from(table)
+        return list(conn.execute(raw).scalars())
 
 
 def test_a_worker_that_finds_the_job_swapped_meanwhile_leaves_no_trigger(

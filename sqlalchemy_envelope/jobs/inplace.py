@@ -124,14 +124,17 @@ def reencrypt_column(
     *,
     batch_size: int = 1000,
     progress: Progress | None = None,
+    schema: str | None = None,
     distributed: bool = False,
+    chunk_rows: int | None = None,
+    lease: float = 120.0,
 ) -> ReencryptReport:
     """Move one column's values to its scope's active key (see ``jobs.reencrypt``)."""
     from . import reencrypt
 
     return reencrypt(
         envelope, table_name, batch_size=batch_size, progress=progress, columns=[column_name],
-        bind=bind, distributed=distributed,
+        bind=bind, distributed=distributed, chunk_rows=chunk_rows, lease=lease, schema=schema,
     )  # fmt: skip
 
 
