@@ -21,7 +21,7 @@ from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import BinaryExpression, ColumnClause, ColumnElement, Null
 from sqlalchemy.types import TypeDecorator
 
-from .errors import EncryptedComparisonError
+from .errors import ConfigurationError, EncryptedComparisonError
 
 if TYPE_CHECKING:
     from .column import Encrypted
@@ -157,11 +157,25 @@ def _plain_values(name: str, op: Any, other: Any) -> Sequence[Any]:
     return values
 
 
+class StoredForms(TypeDecorator[bytes]):
+    """A lookup's values: the stored forms of what is looked up, bound as binary."""
+
+    impl = sa.LargeBinary
+    cache_ok = True
+
+    def literal_processor(self, dialect: sa.Dialect) -> Any:
+        # Refused before a value is seen: SQLAlchemy would quote it in its CompileError.
+        raise ConfigurationError(
+            "a deterministic lookup cannot be rendered as SQL literals (literal_binds or "
+            "offline migrations): its values are computed when it executes"
+        )
+
+
 def _lookup_parameter(type_: Encrypted, values: Sequence[Any]) -> sa.BindParameter[Any]:
     return sa.bindparam(
         f"{type_.bound_name()}_lookup",
         callable_=functools.partial(type_.lookup_ciphertexts, tuple(values)),
         expanding=True,
-        type_=sa.LargeBinary(),
+        type_=StoredForms(),
         unique=True,
     )

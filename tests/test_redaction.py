@@ -476,7 +476,9 @@ def test_literal_rendering_is_refused_before_the_value_is_seen(setup: Setup) -> 
         t.insert().values(id=3, name=PLANTED["name"]),
         t.update().values(ssn=PLANTED["ssn"]),
         sa.select(sa.literal(PLANTED["name"], t.c.name.type)),
+        sa.select(t.c.id).where(t.c.email == PLANTED["email"]),  # a lookup's stored forms
     ):
-        with pytest.raises(ConfigurationError, match=r"patients\.\w+: .*SQL literals") as info:
+        with pytest.raises(ConfigurationError, match=r"SQL literals") as info:
             statement.compile(setup.engine, compile_kwargs={"literal_binds": True})
         check_exception(info.value, setup.secrets())
+        assert "\\x01" not in str(info.value) and "b'" not in str(info.value)
