@@ -115,9 +115,9 @@ class KeyManager:
     def data_key(self, key_id: int, scope: str | None = None) -> tuple[float, DataKey]:
         """``(expires_at, key)`` for a key id found in a stored value of ``scope``.
 
-        Raises :class:`KeyOfAnotherScope` only where no I/O is possible and the
-        listing says the key is another scope's; with I/O, such a key is
-        returned and the value fails to authenticate under it.
+        Raises :class:`KeyOfAnotherScope` for a key unwrapped for another scope
+        (a value moved from a table of another scope whose name is the same, in
+        another schema, would authenticate under it).
         """
 
         def load() -> DataKey:
@@ -129,13 +129,26 @@ class KeyManager:
             return self._unwrap(row)
 
         try:
-            return self.cache.get_or_load(key_id, load)
+            expires, key = self.cache.get_or_load(key_id, load)
         except _runtime.WouldBlock:
             pass  # raised outside the handler: nothing to chain
+        else:
+            if scope is not None and key.scope != scope:
+                raise KeyOfAnotherScope(f"data key {key_id} belongs to scope {key.scope!r}")
+            return expires, key
         raise KeyNotFoundError(
             f"data key {key_id} is being loaded by another task while this row is read "
             "outside SQLAlchemy's greenlet; read it again, or through an AsyncSession"
         )
+
+    def _load(self, row: KeyRow) -> None:
+        """Hold ``row``'s key, unwrapped for the row's own scope. A key in memory that was
+        unwrapped for another scope (the row relabelled since) is unwrapped again, for
+        the row's scope: the KMS's context binding then refuses it, as in a new process."""
+        _, key = self.cache.get_or_load(row.id, lambda: self._unwrap(row))
+        if key.scope != row.scope:
+            self.cache.discard(lambda entry: entry == row.id)
+            self.cache.get_or_load(row.id, lambda: self._unwrap(row))
 
     def _known_without_io(self, key_id: int, scope: str | None) -> DataKey:
         """A row of a plain AsyncConnection.execute() is processed after its statement's
@@ -167,12 +180,20 @@ class KeyManager:
             row = self.keyring.active(scope)
             if row is None:
                 return self._create(scope)
-            self.cache.get_or_load(row.id, lambda: self._unwrap(row))
+            self._load(row)
             return row.id
 
         checked_until, key_id = self.meta.get_or_load(("active", scope), load)
-        expires, key = self.data_key(key_id)
-        return expires, checked_until, key
+        try:
+            expires, key = self.data_key(key_id, scope)
+        except KeyOfAnotherScope:
+            pass  # raised outside the handler: nothing to chain
+        else:
+            return expires, checked_until, key
+        raise ConfigurationError(
+            f"the keyring names data key {key_id} active for scope {scope!r}, but the KMS "
+            "unwrapped it for another scope: the keyring table was changed; nothing is written"
+        )
 
     def readable_keys(self, scope: str) -> tuple[float, list[tuple[float, DataKey]]]:
         """``(listed_until, keys)``: every key of the scope that can still decrypt (for
@@ -217,7 +238,7 @@ class KeyManager:
             row = self.keyring.active(scope)
             if row is None:
                 raise ConfigurationError(f"could not create or find an active key for {scope!r}")
-            self.cache.get_or_load(row.id, lambda: self._unwrap(row))
+            self._load(row)
             return row.id
         self.stats.add("keys_created")
         log.info("created data key %d for scope %r (kms key %s)", row.id, scope, row.kms_key_id)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -221,6 +222,27 @@ def test_forged_active_key_fails_closed_and_writes_nothing(db: Db) -> None:
     assert isinstance(result, KmsError), result
     assert patient_count(db) == before
     assert db.read("patients", "name") == NEW_NAME  # stored values stay readable
+
+
+def test_a_warm_process_writes_under_no_key_relabelled_from_another_scope(db: Db) -> None:
+    # The running process holds both scopes' keys. Relabelled the patients' active key,
+    # the staff key is not used for 'patients' from memory: it is unwrapped again for
+    # 'patients', and the KMS refuses it, as in a new process.
+    envelope = db.app.envelope
+    envelope.keyring_refresh = 0.05
+    cold(db)
+    assert db.read("patients", "name") == NEW_NAME and db.read("doctors", "name")
+    write_patient(db)  # the active key of 'patients' is in memory too
+    staff, active = key_of(db, "doctors", "name"), key_of(db, "patients", "name")
+    edit_key(db, active, state="retired", active_scope=None)
+    edit_key(db, staff, scope="patients", active_scope="patients")
+    time.sleep(0.1)  # keyring_refresh: the process reads which key is active again
+    before = patient_count(db)
+    with Session(db.engine) as s:
+        s.add(db.app.Patient(id=4, name="Dave New", email="dave@x.org"))
+        result = outcome(s.commit)
+    assert isinstance(result, KmsError) and result.code == "InvalidCiphertextException"
+    assert patient_count(db) == before
 
 
 def test_active_key_demoted_only_selects_another_key_of_the_scope(db: Db) -> None:

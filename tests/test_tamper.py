@@ -292,7 +292,26 @@ def test_move_between_schemas_of_one_keyring_is_not_detected(
     pg_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
 ) -> None:
     # NOT detected: the associated data names the table without its schema. Two schemas
-    # with a table of the same name, sharing one envelope, share the names that are bound.
+    # with a table of the same name, sharing one envelope and scope, share what is bound.
+    moved = move_between_tenants(pg_url, make_engine, local_kms, scoped=False)
+    assert moved == ["111-11-1111"] * 2
+
+
+def test_move_between_tenants_of_their_own_scopes_is_decryption_error(
+    pg_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    # One scope per tenant: the key a value names must be its column's scope's, whether
+    # the process holds it already (it wrote both tenants' rows) or starts cold.
+    moved = move_between_tenants(pg_url, make_engine, local_kms, scoped=True)
+    assert all(isinstance(m, DecryptionError) for m in moved), moved
+    assert all("belongs to scope" not in str(m) for m in moved)
+
+
+def move_between_tenants(
+    pg_url: str, make_engine: Callable[..., sa.Engine], kms: LocalKms, *, scoped: bool
+) -> list[Any]:
+    """Tenant a's value copied into tenant b's table of the same name; what a warm and then
+    a cold process read there."""
     metadata = sa.MetaData()
     envelope = Envelope(metadata)
     suffix = uuid.uuid4().hex[:8]
@@ -301,7 +320,7 @@ def test_move_between_schemas_of_one_keyring_is_not_detected(
             "patients",
             metadata,
             sa.Column("id", sa.Integer, primary_key=True),
-            sa.Column("ssn", Encrypted(sa.String(11), envelope)),
+            sa.Column("ssn", Encrypted(sa.String(11), envelope, scope=schema if scoped else None)),
             schema=schema,
         )
         for schema in (f"tenant_a_{suffix}", f"tenant_b_{suffix}")
@@ -313,17 +332,24 @@ def test_move_between_schemas_of_one_keyring_is_not_detected(
             conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
     try:
         metadata.create_all(engine)
-        envelope.configure(kms=local_kms, engine=engine)
+        envelope.configure(kms=kms, engine=engine)
         with engine.begin() as conn:
             conn.execute(tables[a].insert().values(id=1, ssn="111-11-1111"))
             conn.execute(tables[b].insert().values(id=1, ssn="222-22-2222"))
             conn.execute(sa.text(f"UPDATE {b}.patients SET ssn = (SELECT ssn FROM {a}.patients)"))
-            moved = conn.execute(sa.select(tables[b].c.ssn)).scalar_one()
-        assert moved == "111-11-1111"
+        read = sa.select(tables[b].c.ssn)
+        warm = outcome(lambda: _scalar(engine, read))
+        envelope.configure(kms=kms, engine=engine)  # a new process
+        return [warm, outcome(lambda: _scalar(engine, read))]
     finally:
         with engine.begin() as conn:
             for schema in tables:
                 conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+
+
+def _scalar(engine: sa.Engine, statement: sa.Select[Any]) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(statement).scalar_one()
 
 
 def test_values_of_other_types_are_rejected_on_sqlite(

@@ -282,9 +282,13 @@ class Conversion:
                 failure = exc
             # Decided outside the handler: nothing raised now chains the failure along.
             if failure is not None:
-                if isinstance(
-                    failure, (sa.exc.DBAPIError, ConfigurationError)
-                ) and self._finished_elsewhere(conn):
+                # A statement naming a column another run swapped away; for a single run
+                # also a refusal that found the job finished (a distributed worker's own
+                # refusals, a lease it outwaited, say, are its to report).
+                elsewhere = (
+                    sa.exc.DBAPIError if distributed else (sa.exc.DBAPIError, ConfigurationError)
+                )
+                if isinstance(failure, elsewhere) and self._finished_elsewhere(conn):
                     log.info("%s %s: another run finished the conversion", self.verb, where)
                     report.already_done = True
                 else:

@@ -16,6 +16,7 @@ from sqlalchemy.engine import Connection, Engine
 from ..column import Encrypted
 from .batches import Progress, naming_missing_tables
 from .conversion import DECRYPTING, ENCRYPTING, Conversion, abandon
+from .discovery import stored_scope
 from .reports import ColumnJobReport, ReencryptReport
 
 if TYPE_CHECKING:
@@ -92,7 +93,9 @@ def decrypt_column(
         raise TypeError(
             "decrypt_column needs the plaintext type to restore, such as sa.String(200)"
         )
-    reader = Encrypted(plain, envelope).for_column(table_name, column_name)
+    # Values are read under their scope's keys only: the scope they were written in.
+    scope = stored_scope(envelope, bind, table_name, column_name, schema)
+    reader = Encrypted(plain, envelope, scope=scope).for_column(table_name, column_name)
     job = Conversion(
         table_name, column_name, schema, DECRYPTING, read=reader, write=plain, shadow_type=plain
     )
