@@ -1096,3 +1096,37 @@ def test_decrypt_to_a_native_enum_creates_its_type(
         assert [tuple(r) for r in got] == [("red",), (None,)]
         conn.exec_driver_sql("DROP TABLE paints")
         conn.exec_driver_sql("DROP TYPE colors_x")
+
+
+def test_a_column_changes_scope_by_decrypting_and_encrypting_again(
+    db_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    """A column reads only its scope's keys. The models already declare the new scope;
+    decrypt_column reads the values under the scope they were written in."""
+    engine = make_engine(db_url)
+
+    def model(scope: str) -> tuple[Envelope, sa.Table]:
+        envelope = Envelope(sa.MetaData())
+        table = sa.Table(
+            "cards", envelope.metadata,  # type: ignore[arg-type]
+            sa.Column("id", sa.Integer, primary_key=True),
+            sa.Column("pan", Encrypted(sa.String(19), envelope, scope=scope)),
+        )  # fmt: skip
+        envelope.configure(kms=local_kms, engine=engine)
+        return envelope, table
+
+    before, old = model("payments")
+    old.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(old.insert(), [{"id": i, "pan": f"4111-{i:04d}"} for i in range(1, 31)])
+    envelope, new = model("cards_pci")
+    with pytest.raises(DecryptionError), engine.connect() as conn:
+        conn.execute(sa.select(new.c.pan)).all()
+    assert decrypt_column(envelope, engine, "cards", "pan", sa.String(19)).swapped
+    encrypted = Encrypted(sa.String(19), scope="cards_pci")
+    assert encrypt_column(envelope, engine, "cards", "pan", encrypted).swapped
+    with engine.connect() as conn:
+        got = conn.execute(sa.select(new.c.id, new.c.pan).order_by(new.c.id)).all()
+    assert [tuple(r) for r in got] == [(i, f"4111-{i:04d}") for i in range(1, 31)]
+    assert {k.scope for k in envelope.keys() if k.state == "active"} >= {"cards_pci"}
+    assert before.keys("payments")  # the old scope's keys stay, for destroy when unused

@@ -216,11 +216,9 @@ def sample_column(
 def stored_scope(
     envelope: Envelope, bind: Engine | Connection, table: str, column: str, schema: str | None
 ) -> str | None:
-    """The scope a column's values were encrypted under: as the envelope's models declare
-    it, else the scope of most sampled values' keys; None (the table's) when neither tells."""
-    declared = envelope.columns.get((table, column))
-    if declared is not None:
-        return declared
+    """The scope a column's values were encrypted under: that of most sampled values' keys
+    (the models may declare the scope the column moves to next), else the envelope's
+    models' for it; None (the table's) when neither tells."""
     with connect(bind) as conn, conn.begin():
         inspector = sa.inspect(conn)
         if not inspector.has_table(table, schema) or column not in {
@@ -228,7 +226,7 @@ def stored_scope(
         }:
             return None  # the job says what is missing
         found = sample_column(conn, envelope.table, sa.table(table, schema=schema), column)
-    return found.scope if found.ours else None
+    return found.scope if found.ours else envelope.columns.get((table, column))
 
 
 def _sample(conn: Connection, table: sa.TableClause, column: str) -> list[tuple[int, int] | None]:
