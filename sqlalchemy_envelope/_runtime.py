@@ -40,7 +40,8 @@ def wait(future: concurrent.futures.Future[T]) -> T:
     if future.done():
         return future.result()
     if in_greenlet():
-        result: T = _await(asyncio.wrap_future(future))
+        # Shielded: a waiter cancelled (a timeout) must not cancel the load others wait on.
+        result: T = _await(asyncio.shield(asyncio.wrap_future(future)))
         return result
     if _loop_running():
         # Blocking here would stall the very loop that has to finish the load.

@@ -10,6 +10,7 @@ starting cold on one key cost one KMS call.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import math
 import threading
 import time
@@ -61,28 +62,45 @@ class Cache(Generic[V]):
     def __reduce__(self) -> Any:
         raise TypeError("a key cache cannot be pickled")
 
-    def get_or_load(self, key: Hashable, load: Callable[[], V]) -> tuple[float, V]:
-        """``(expires_at, value)``: from memory while fresh, else from ``load()``, once."""
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None and entry[0] > clock():
-                self._entries.move_to_end(key)
-                self._stats.cache_hits += 1
-                return entry
-            self._stats.cache_misses += 1
-            self._sweep()
-            future = self._loading.get(key)
-            owner = future is None
-            if future is None:
-                future = self._loading[key] = concurrent.futures.Future()
-        if not owner:
-            return _runtime.wait(future)
+    def get_or_load(
+        self, key: Hashable, load: Callable[[], V], *, fresh_for: float = 0.0
+    ) -> tuple[float, V]:
+        """``(expires_at, value)``: from memory while fresh (for ``fresh_for`` seconds more,
+        at least), else from ``load()``, once for all concurrent callers."""
+        while True:
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is not None and entry[0] > clock() + fresh_for:
+                    self._entries.move_to_end(key)
+                    self._stats.cache_hits += 1
+                    return entry
+                self._stats.cache_misses += 1
+                self._sweep()
+                future = self._loading.get(key)
+                owner = future is None
+                if future is None:
+                    future = self._loading[key] = concurrent.futures.Future()
+            if owner:
+                return self._load(key, load, future)
+            try:
+                return _runtime.wait(future)
+            except _Abandoned:
+                continue  # its loader was cancelled: load it here, or wait for another
+
+    def _load(
+        self, key: Hashable, load: Callable[[], V], future: concurrent.futures.Future[Any]
+    ) -> tuple[float, V]:
         try:
             value = load()
-        except BaseException as exc:
+        except Exception as exc:  # the outcome for every caller waiting on this load
             with self._lock:
                 del self._loading[key]
-            future.set_exception(exc)
+            _settle(future.set_exception, exc)
+            raise
+        except BaseException:  # cancelled or interrupted: this caller's, not the waiters'
+            with self._lock:
+                del self._loading[key]
+            _settle(future.set_exception, _Abandoned())
             raise
         entry = (clock() + self.ttl, value)
         with self._lock:
@@ -91,7 +109,7 @@ class Cache(Generic[V]):
             self._entries.move_to_end(key)
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)
-        future.set_result(entry)
+        _settle(future.set_result, entry)
         return entry
 
     def put(self, key: Hashable, value: V) -> tuple[float, V]:
@@ -119,3 +137,13 @@ class Cache(Generic[V]):
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+
+
+class _Abandoned(Exception):
+    """The caller loading a value was cancelled: a waiter loads it again."""
+
+
+def _settle(outcome: Callable[[Any], None], value: Any) -> None:
+    # A future cancelled meanwhile (not by a waiter: they shield it) has nobody waiting.
+    with contextlib.suppress(concurrent.futures.InvalidStateError):
+        outcome(value)

@@ -223,6 +223,37 @@ def test_concurrent_cold_reads_share_one_unwrap(async_url: str) -> None:
     run(async_url, main)
 
 
+@pytest.mark.parametrize("cancelled", ["loader", "waiter"])
+def test_a_cancelled_read_cancels_no_other_read_of_its_key(async_url: str, cancelled: str) -> None:
+    """A read cancelled (a timeout, say) while it unwraps a key, or while it waits for
+    another read's unwrap: the other reads of that key go on and return their rows."""
+
+    async def main(app: App, engine: AsyncEngine, kms: SlowKms) -> None:
+        async def read() -> str:
+            async with AsyncSession(engine) as s:
+                p = await s.get(app.Patient, 1)
+                assert p is not None
+                return str(p.name)
+
+        await add_patient(app, engine, 1)
+        app.envelope.configure(kms=kms, engine=engine)
+        loader = asyncio.create_task(read())
+        await asyncio.sleep(DELAY / 5)  # the first read is unwrapping the key
+        waiters = [asyncio.create_task(read()) for _ in range(3)]
+        await asyncio.sleep(DELAY / 5)  # they wait for it
+        victim = loader if cancelled == "loader" else waiters[0]
+        victim.cancel()
+        reads = [loader, *waiters]
+        results = await asyncio.gather(*reads, return_exceptions=True)
+        for task, result in zip(reads, results, strict=True):
+            if task is victim:
+                assert isinstance(result, asyncio.CancelledError), result
+            else:
+                assert result == "async-1", result
+
+    run(async_url, main)
+
+
 def test_async_kms_outage_fails_closed(async_url: str) -> None:
     async def main(app: App, engine: AsyncEngine, kms: SlowKms) -> None:
         await add_patient(app, engine, 1)
