@@ -121,7 +121,7 @@ class KeyManager:
         """
 
         def load() -> DataKey:
-            if self.keyring.engine.dialect.is_async and not _runtime.in_greenlet():
+            if not self.can_load():
                 return self._known_without_io(key_id, scope)
             row = self.keyring.get(key_id)
             if row is None:
@@ -149,6 +149,11 @@ class KeyManager:
         if key.scope != row.scope:
             self.cache.discard(lambda entry: entry == row.id)
             self.cache.get_or_load(row.id, lambda: self._unwrap(row))
+
+    def can_load(self) -> bool:
+        """Whether a key can be loaded here: not for a row of a plain AsyncConnection.execute(),
+        processed after its statement's greenlet ended, where no I/O is possible."""
+        return not (self.keyring.engine.dialect.is_async and not _runtime.in_greenlet())
 
     def _known_without_io(self, key_id: int, scope: str | None) -> DataKey:
         """A row of a plain AsyncConnection.execute() is processed after its statement's
