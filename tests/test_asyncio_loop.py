@@ -131,6 +131,13 @@ def run(url: str, body: Callable[[App, AsyncEngine, SlowKms], Awaitable[None]]) 
 WHEN = dt.datetime(2024, 5, 1, 9, 30, tzinfo=dt.timezone(dt.timedelta(hours=-4)))
 
 
+async def patient_name(app: App, engine: AsyncEngine, n: int) -> str:
+    async with AsyncSession(engine) as s:
+        p = await s.get(app.Patient, n)
+        assert p is not None
+        return str(p.name)
+
+
 async def add_patient(app: App, engine: AsyncEngine, n: int) -> None:
     async with AsyncSession(engine) as s:
         p = app.Patient(id=n, name=f"async-{n}", email=f"{n}@async.org", notes={"n": n})
@@ -203,17 +210,11 @@ def test_kms_calls_do_not_block_the_event_loop(async_url: str) -> None:
 
 def test_concurrent_cold_reads_share_one_unwrap(async_url: str) -> None:
     async def main(app: App, engine: AsyncEngine, kms: SlowKms) -> None:
-        async def read(n: int) -> str:
-            async with AsyncSession(engine) as s:
-                p = await s.get(app.Patient, 1)
-                assert p is not None
-                return str(p.name)
-
         await add_patient(app, engine, 1)
         app.envelope.configure(kms=kms, engine=engine)
         kms.scopes.clear()
         async with Ticker() as ticker:
-            names = await asyncio.gather(*(read(n) for n in range(8)))
+            names = await asyncio.gather(*(patient_name(app, engine, 1) for _ in range(8)))
         assert names == ["async-1"] * 8
         assert ticker.max_gap < MAX_GAP
         # One Decrypt per key the reads need (patients', and visits' for the selectin
@@ -229,17 +230,11 @@ def test_a_cancelled_read_cancels_no_other_read_of_its_key(async_url: str, cance
     another read's unwrap: the other reads of that key go on and return their rows."""
 
     async def main(app: App, engine: AsyncEngine, kms: SlowKms) -> None:
-        async def read() -> str:
-            async with AsyncSession(engine) as s:
-                p = await s.get(app.Patient, 1)
-                assert p is not None
-                return str(p.name)
-
         await add_patient(app, engine, 1)
         app.envelope.configure(kms=kms, engine=engine)
-        loader = asyncio.create_task(read())
+        loader = asyncio.create_task(patient_name(app, engine, 1))
         await asyncio.sleep(DELAY / 5)  # the first read is unwrapping the key
-        waiters = [asyncio.create_task(read()) for _ in range(3)]
+        waiters = [asyncio.create_task(patient_name(app, engine, 1)) for _ in range(3)]
         await asyncio.sleep(DELAY / 5)  # they wait for it
         victim = loader if cancelled == "loader" else waiters[0]
         victim.cancel()
