@@ -62,15 +62,13 @@ class Cache(Generic[V]):
     def __reduce__(self) -> Any:
         raise TypeError("a key cache cannot be pickled")
 
-    def get_or_load(
-        self, key: Hashable, load: Callable[[], V], *, fresh_for: float = 0.0
-    ) -> tuple[float, V]:
-        """``(expires_at, value)``: from memory while fresh (for ``fresh_for`` seconds more,
-        at least), else from ``load()``, once for all concurrent callers."""
+    def get_or_load(self, key: Hashable, load: Callable[[], V]) -> tuple[float, V]:
+        """``(expires_at, value)``: from memory while fresh, else from ``load()``, once for
+        all concurrent callers."""
         while True:
             with self._lock:
                 entry = self._entries.get(key)
-                if entry is not None and entry[0] > clock() + fresh_for:
+                if entry is not None and entry[0] > clock():
                     self._entries.move_to_end(key)
                     self._stats.cache_hits += 1
                     return entry
