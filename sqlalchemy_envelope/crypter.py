@@ -108,9 +108,14 @@ class ColumnCrypter:
                 return cipher
             stale = cipher
         keys = self.envelope._keys()
-        if stale is not None and stale.expires > self._statement_began and not keys.can_load():
-            # A row of a plain AsyncConnection.execute(), read after its statement
-            # (which can load no key): its key was fresh when the statement began.
+        if (
+            stale is not None
+            and self._statement_began < stale.expires > clock() - self.envelope.keyring_refresh
+            and not keys.can_load()
+        ):
+            # A row of a plain AsyncConnection.execute(), read after its statement (which
+            # can load no key): its key was fresh when the statement began, and expired
+            # less than keyring_refresh ago (the staleness allowed for keyring changes).
             return stale
         parsed = wire.parse_header(value)
         if parsed is None:

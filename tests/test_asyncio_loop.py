@@ -252,19 +252,23 @@ def test_a_cancelled_read_cancels_no_other_read_of_its_key(async_url: str, cance
 def test_core_async_rows_read_after_their_keys_ttl_still_decrypt(async_url: str) -> None:
     """A plain AsyncConnection.execute() decrypts its rows after its statement, where no
     key can be loaded: a key fresh when the statement began still opens them after its
-    cache_ttl ran out (a statement in flight then, or a result read later)."""
+    cache_ttl ran out (a statement in flight then), for keyring_refresh at most."""
 
     async def main(app: App, engine: AsyncEngine, kms: SlowKms) -> None:
         await add_patient(app, engine, 1)
         app.envelope.cache_ttl = 2 * DELAY
+        app.envelope.keyring_refresh = DELAY
         app.envelope.configure(kms=kms, engine=engine)
         names = sa.select(app.Patient.__table__.c.name)
         async with engine.connect() as conn:
             result = await conn.execute(names)  # loads the key (DELAY), fresh for 2 DELAY
             assert result.scalars().all() == ["async-1"]
-            result = await conn.execute(names)
-            await asyncio.sleep(2.5 * DELAY)  # the key's cache_ttl runs out
+            result, kept = await conn.execute(names), await conn.execute(names)
+            await asyncio.sleep(2.5 * DELAY)  # the key's cache_ttl runs out: DELAY / 2 ago
             assert result.scalars().all() == ["async-1"]
+            await asyncio.sleep(DELAY)  # beyond keyring_refresh: no longer
+            with pytest.raises(KeyNotFoundError):
+                kept.scalars().all()
             assert (await conn.execute(names)).scalars().all() == ["async-1"]  # loaded again
 
     run(async_url, main)

@@ -1101,8 +1101,8 @@ def test_decrypt_to_a_native_enum_creates_its_type(
 def test_a_column_changes_scope_by_decrypting_and_encrypting_again(
     db_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
 ) -> None:
-    """A column reads only its scope's keys. The models already declare the new scope;
-    decrypt_column reads the values under the scope they were written in."""
+    """A column reads only its scope's keys. The models already declare the new scope:
+    decrypt_column reads under the scope they declare, unless given the old one."""
     engine = make_engine(db_url)
 
     def model(scope: str) -> tuple[Envelope, sa.Table]:
@@ -1122,7 +1122,9 @@ def test_a_column_changes_scope_by_decrypting_and_encrypting_again(
     envelope, new = model("cards_pci")
     with pytest.raises(DecryptionError), engine.connect() as conn:
         conn.execute(sa.select(new.c.pan)).all()
-    assert decrypt_column(envelope, engine, "cards", "pan", sa.String(19)).swapped
+    with pytest.raises(ConfigurationError, match="scope 'payments', not 'cards_pci'"):
+        decrypt_column(envelope, engine, "cards", "pan", sa.String(19))  # declared: the new
+    assert decrypt_column(envelope, engine, "cards", "pan", sa.String(19), scope="payments").swapped
     encrypted = Encrypted(sa.String(19), scope="cards_pci")
     assert encrypt_column(envelope, engine, "cards", "pan", encrypted).swapped
     with engine.connect() as conn:

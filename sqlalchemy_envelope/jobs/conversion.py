@@ -480,6 +480,7 @@ class Conversion:
         assert isinstance(encrypted, Encrypted)
         crypter = encrypted.crypter()
         unknown: set[int] = set()
+        scopes: set[str] = set()  # of keys the values name, other than this column's
         for value in values:  # outside the transaction: keys may be loaded
             try:
                 crypter.decrypt(bytes(value))
@@ -487,10 +488,19 @@ class Conversion:
                 return True  # shredded, yet the keyring knows it: ours
             except KeyNotFoundError:
                 unknown.add(wire.key_id_of(value) or 0)
-            except DecryptionError:
-                continue  # bytes that only look like ours
+            except DecryptionError:  # bytes that only look like ours, or another scope's
+                row = crypter.envelope.keyring().get(wire.key_id_of(value) or 0)
+                if row is not None and row.scope != crypter.scope:
+                    scopes.add(row.scope)
             else:
                 return True
+        if scopes and not mixed:  # all ciphertext, of another scope: touch nothing
+            raise ConfigurationError(
+                f"{self.table}.{self.column} holds values under keys of scope "
+                f"{', '.join(map(repr, sorted(scopes)))}, not {crypter.scope!r}: for a column "
+                "changing scope, convert it back under its old scope (decrypt_column(..., "
+                "scope=...)), then encrypt it under the new one"
+            )
         if unknown and not mixed:  # all ciphertext, of another keyring: touch nothing
             raise ConfigurationError(
                 f"{self.table}.{self.column} holds values under data keys this keyring does "

@@ -216,9 +216,12 @@ def sample_column(
 def stored_scope(
     envelope: Envelope, bind: Engine | Connection, table: str, column: str, schema: str | None
 ) -> str | None:
-    """The scope a column's values were encrypted under: that of most sampled values' keys
-    (the models may declare the scope the column moves to next), else the envelope's
-    models' for it; None (the table's) when neither tells."""
+    """The scope to read a column's values under: the envelope's models' for it (values
+    of another scope then fail, as anywhere); for a column they do not declare, the
+    scope of most sampled values' keys; None (the table's) when neither tells."""
+    declared = envelope.columns.get((table, column))
+    if declared is not None:
+        return declared
     with connect(bind) as conn, conn.begin():
         inspector = sa.inspect(conn)
         if not inspector.has_table(table, schema) or column not in {
@@ -226,7 +229,7 @@ def stored_scope(
         }:
             return None  # the job says what is missing
         found = sample_column(conn, envelope.table, sa.table(table, schema=schema), column)
-    return found.scope if found.ours else envelope.columns.get((table, column))
+    return found.scope if found.ours else None
 
 
 def _sample(conn: Connection, table: sa.TableClause, column: str) -> list[tuple[int, int] | None]:

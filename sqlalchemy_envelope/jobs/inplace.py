@@ -83,10 +83,15 @@ def decrypt_column(
     distributed: bool = False,
     chunk_rows: int | None = None,
     lease: float = 120.0,
+    scope: str | None = None,
 ) -> ColumnJobReport:
     """The inverse of :func:`encrypt_column`: restore the plaintext column of type ``type_``.
 
-    Commits once per batch; resumable the same way.
+    Values are read under ``scope``'s keys: by default the scope the envelope's
+    models declare for the column, or for a column they do not declare, the
+    scope of most of its values' keys. Pass the old scope to convert a column
+    whose models already declare a new one. Commits once per batch;
+    resumable the same way.
     """
     plain = type_() if isinstance(type_, type) else type_
     if not isinstance(plain, sa.types.TypeEngine) or isinstance(plain, Encrypted):
@@ -94,7 +99,8 @@ def decrypt_column(
             "decrypt_column needs the plaintext type to restore, such as sa.String(200)"
         )
     # Values are read under their scope's keys only: the scope they were written in.
-    scope = stored_scope(envelope, bind, table_name, column_name, schema)
+    if scope is None:
+        scope = stored_scope(envelope, bind, table_name, column_name, schema)
     reader = Encrypted(plain, envelope, scope=scope).for_column(table_name, column_name)
     job = Conversion(
         table_name, column_name, schema, DECRYPTING, read=reader, write=plain, shadow_type=plain
