@@ -189,16 +189,10 @@ class KeyManager:
             return row.id
 
         checked_until, key_id = self.meta.get_or_load(("active", scope), load)
-        try:
-            expires, key = self.data_key(key_id, scope)
-        except KeyOfAnotherScope:
-            pass  # raised outside the handler: nothing to chain
-        else:
-            return expires, checked_until, key
-        raise ConfigurationError(
-            f"the keyring names data key {key_id} active for scope {scope!r}, but the KMS "
-            "unwrapped it for another scope: the keyring table was changed; nothing is written"
-        )
+        # The keyring's CHECK keeps an active row's scope its own; should it not,
+        # KeyOfAnotherScope refuses the write.
+        expires, key = self.data_key(key_id, scope)
+        return expires, checked_until, key
 
     def readable_keys(self, scope: str) -> tuple[float, list[tuple[float, DataKey]]]:
         """``(listed_until, keys)``: every key of the scope that can still decrypt (for
@@ -263,8 +257,8 @@ class KeyManager:
 
 
 class KeyOfAnotherScope(KeyNotFoundError):
-    """A stored value names another scope's key (raised only where no I/O is possible:
-    the column turns it into the DecryptionError a moved value gets elsewhere)."""
+    """A stored value names another scope's key (the column turns it into the
+    DecryptionError a moved value gets)."""
 
 
 def _destroyed(key_id: int, scope: str) -> KeyDestroyedError:
