@@ -82,7 +82,8 @@ def _render_decrypt_column(autogen_context: AutogenContext, op: DecryptColumnOp)
 
     _needs_import(autogen_context)
     rendered = _repr_type(op.type_, autogen_context)
-    return f"op.decrypt_column({_render_args(op, autogen_context, rendered)})"
+    scope = [] if op.scope is None else [f"scope={op.scope!r}"]
+    return f"op.decrypt_column({_render_args(op, autogen_context, rendered, *scope)})"
 
 
 @renderers.dispatch_for(CreateKeyringTableOp)
@@ -138,7 +139,7 @@ def _convert_type_change(context: MigrationContext, revision: Any, op: ops.Alter
         if _binary(new) and _encrypted_already(context, op, old.inner_type):
             return op
         # The inner type the values were encoded with, which is what the column held before.
-        return DecryptColumnOp(op.table_name, op.column_name, old.inner_type, schema=op.schema)
+        return EncryptColumnOp(op.table_name, op.column_name, old, schema=op.schema).reverse()
     # No Encrypted on either side: the models dropped it from a binary column that
     # holds our values (an ALTER would keep the ciphertext as the new values), or
     # this is that change's downgrade. Values that are not ours: the author's change.
@@ -147,17 +148,23 @@ def _convert_type_change(context: MigrationContext, revision: Any, op: ops.Alter
     stored = _sample(context, op)
     if stored.values and not stored.ours:
         return op
-    if _binary(old):
-        return DecryptColumnOp(op.table_name, op.column_name, new, schema=op.schema)
     if not stored.values:
         log.warning(
-            "%s.%s holds no values that tell how it was encrypted: the downgrade encrypts it "
-            "randomized under the table's scope; correct it if the models said otherwise",
+            "%s.%s holds no values that tell how it was encrypted: the migration takes the "
+            "table's scope (and randomized mode); correct it if the models said otherwise",
             op.table_name, op.column_name,
         )  # fmt: skip
-    scope = None if stored.scope in (None, op.table_name) else stored.scope
-    encrypted = Encrypted(old, deterministic=stored.deterministic, scope=scope)
+    # The scope is written into the migration, where its author sees it, rather than
+    # read from the values when it runs, which would let whoever wrote them choose.
+    scope = stored.scope or op.table_name
+    if _binary(old):
+        return DecryptColumnOp(op.table_name, op.column_name, new, schema=op.schema, scope=scope)
+    encrypted = Encrypted(old, deterministic=stored.deterministic, scope=_custom(scope, op))
     return EncryptColumnOp(op.table_name, op.column_name, encrypted, schema=op.schema)
+
+
+def _custom(scope: str, op: ops.AlterColumnOp) -> str | None:
+    return None if scope == op.table_name else scope
 
 
 def _binary(type_: Any) -> bool:

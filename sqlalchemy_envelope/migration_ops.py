@@ -226,6 +226,7 @@ class EncryptColumnOp(ColumnOp):
             batch_size=self.batch_size,
             schema=self.schema,
             envelope=self.envelope,
+            scope=self.type_.scope or self.table_name,
         )
 
 
@@ -234,6 +235,22 @@ class DecryptColumnOp(ColumnOp):
     """Restore an encrypted column to plaintext in place (see :func:`jobs.decrypt_column`)."""
 
     diff_name = "decrypt_column"
+
+    def __init__(
+        self,
+        table_name: str,
+        column_name: str,
+        type_: Any = None,
+        *,
+        batch_size: int = 1000,
+        schema: str | None = None,
+        envelope: Envelope | None = None,
+        scope: str | None = None,
+    ) -> None:
+        super().__init__(
+            table_name, column_name, type_, batch_size=batch_size, schema=schema, envelope=envelope
+        )
+        self.scope = scope
 
     @classmethod
     def decrypt_column(
@@ -246,11 +263,14 @@ class DecryptColumnOp(ColumnOp):
         batch_size: int = 1000,
         schema: str | None = None,
         envelope: Envelope | None = None,
+        scope: str | None = None,
     ) -> None:
         """Turn an encrypted column back into plaintext of type ``type_`` (for downgrades).
 
-        Commits the migration's transaction first, then once per batch;
-        resumable like ``encrypt_column``. Refuses offline (--sql) mode.
+        Values are read under ``scope``'s keys: by default the scope the models
+        declare for the column, else the table's. Commits the migration's
+        transaction first, then once per batch; resumable like
+        ``encrypt_column``. Refuses offline (--sql) mode.
         """
         operations.invoke(
             cls(
@@ -260,6 +280,7 @@ class DecryptColumnOp(ColumnOp):
                 batch_size=batch_size,
                 schema=schema,
                 envelope=envelope,
+                scope=scope,
             )
         )
 
@@ -317,7 +338,7 @@ def _decrypt_column(operations: Operations, op: DecryptColumnOp) -> None:
     with _batch_job(operations, "decrypt_column", op.envelope) as (envelope, engine):
         jobs.decrypt_column(
             envelope, engine, op.table_name, op.column_name, op.type_,
-            batch_size=op.batch_size, schema=op.schema,
+            batch_size=op.batch_size, schema=op.schema, scope=op.scope,
         )  # fmt: skip
 
 

@@ -300,7 +300,8 @@ def test_autogenerate_turns_a_type_change_into_encrypt_column(
     ]
     encrypted = "sqlalchemy_envelope.Encrypted(sa.String(length=120), deterministic=True)"
     assert f"op.encrypt_column('people', 'email', {encrypted})" in upgrade
-    assert "op.decrypt_column('people', 'name', sa.String(length=80))" in downgrade
+    assert "op.decrypt_column('people', 'name', sa.String(length=80), scope='people')" in downgrade
+    assert "op.decrypt_column('people', 'born', sa.Date(), scope='dates')" in downgrade
     assert not any(isinstance(o, ops.AlterColumnOp) for o in upgrade_ops)
 
     namespace: dict[str, Any] = {"op": migrate(metadata), "sa": sa}
@@ -341,7 +342,8 @@ def test_autogenerate_turns_dropping_encrypted_into_decrypt_column(
 ) -> None:
     """The database's side of the change is a binary column: its values say it is ours.
     A plain ALTER from binary to text would keep the ciphertext as the new plaintext, so
-    an empty column (a development database) is taken as ours too."""
+    an empty column (a development database) is taken as ours too. The scope the values
+    were read under is written into the migration, not chosen by the values it meets."""
     metadata, envelope = models()
     metadata.create_all(engine)
     envelope.configure(kms=local_kms, engine=engine)
@@ -362,8 +364,9 @@ def test_autogenerate_turns_dropping_encrypted_into_decrypt_column(
     )
     _, upgrade, downgrade = autogenerate(engine, plain_metadata)
     assert "alter_column" not in upgrade + downgrade
-    assert "op.decrypt_column('people', 'name', sa.String(length=80))" in upgrade
-    assert "op.decrypt_column('people', 'born', sa.Date())" in upgrade
+    assert "op.decrypt_column('people', 'name', sa.String(length=80), scope='people')" in upgrade
+    born = "op.decrypt_column('people', 'born', sa.Date(), scope='{}')"
+    assert born.format("dates" if filled else "people") in upgrade
     if filled:  # the values tell each column's mode and scope
         encrypted = "sqlalchemy_envelope.Encrypted(sa.String(length=120), deterministic=True)"
         assert f"op.encrypt_column('people', 'email', {encrypted})" in downgrade
@@ -375,6 +378,11 @@ def test_autogenerate_turns_dropping_encrypted_into_decrypt_column(
 
     namespace: dict[str, Any] = {"op": migrate(plain_metadata), "sa": sa}
     exec("import sqlalchemy_envelope", namespace)
+    if not filled:  # the warning was right: born had a scope of its own; the run says which
+        with pytest.raises(ConfigurationError, match="scope 'dates', not 'people'"):
+            run(upgrade, namespace)
+        upgrade = upgrade.replace(born.format("people"), born.format("dates"))
+        namespace["op"] = migrate(plain_metadata)
     run(upgrade, namespace)
     plain = sa.Table("people", sa.MetaData(), autoload_with=engine)
     with engine.connect() as conn:

@@ -162,7 +162,7 @@ def test_autogenerate_writes_a_migration_that_runs(
     assert "import sqlalchemy_envelope" in text
     encrypted = "sqlalchemy_envelope.Encrypted(sa.String(length=200))"
     assert f"op.encrypt_column('patients', 'name', {encrypted})" in text
-    assert "op.decrypt_column('patients', 'ssn', sa.String(length=11))" in text
+    assert "op.decrypt_column('patients', 'ssn', sa.String(length=11), scope='patients')" in text
 
     alembic("upgrade", "head")
     check_encrypted(engine, key, expected)

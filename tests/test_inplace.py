@@ -1132,3 +1132,45 @@ def test_a_column_changes_scope_by_decrypting_and_encrypting_again(
     assert [tuple(r) for r in got] == [(i, f"4111-{i:04d}") for i in range(1, 31)]
     assert {k.scope for k in envelope.keys() if k.state == "active"} >= {"cards_pci"}
     assert before.keys("payments")  # the old scope's keys stay, for destroy when unused
+
+
+@pytest.mark.parametrize("moved", [30, 18], ids=["all moved", "most moved"])
+def test_values_moved_in_cannot_choose_the_scope_decrypt_column_reads_under(
+    db_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms, moved: int
+) -> None:
+    """Models that no longer declare a column leave its table's scope, not the stored
+    values', to read it under: another tenant's ciphertext moved into it stays ciphertext."""
+    engine = make_engine(db_url)
+    envelope = Envelope(sa.MetaData())
+    metadata: Any = envelope.metadata
+    tables = {
+        tenant: sa.Table(
+            f"{tenant}_notes",
+            metadata,
+            sa.Column("id", sa.Integer, primary_key=True),
+            sa.Column("body", Encrypted(sa.String(40), envelope)),
+        )
+        for tenant in ("a", "b")
+    }
+    envelope.configure(kms=local_kms, engine=engine)
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        for tenant, table in tables.items():
+            conn.execute(table.insert(), [{"id": i, "body": f"{tenant} {i}"} for i in range(30)])
+        b = tables["b"]
+        stolen = sa.select(b.c.body).where(b.c.id == tables["a"].c.id).scalar_subquery()
+        conn.execute(tables["a"].update().where(tables["a"].c.id < moved).values(body=stolen))
+    raw = sa.table("a_notes", sa.column("id"), sa.column("body", sa.LargeBinary))
+    with engine.connect() as conn:
+        before = conn.execute(sa.select(raw.c.body).order_by(raw.c.id)).scalars().all()
+
+    undeclared = Envelope(sa.MetaData())
+    undeclared.configure(kms=local_kms, engine=engine)
+    with pytest.raises((ConfigurationError, DecryptionError)) as failed:
+        decrypt_column(undeclared, engine, "a_notes", "body", sa.String(40))
+    if moved == 30:
+        assert "scope 'b_notes', not 'a_notes'" in str(failed.value)
+        assert "scope='b_notes'" in str(failed.value)  # the way, for an honest column
+    abandon_conversion(engine, "a_notes", "body")
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(raw.c.body).order_by(raw.c.id)).scalars().all() == before

@@ -495,11 +495,17 @@ class Conversion:
             else:
                 return True
         if scopes and not mixed:  # all ciphertext, of another scope: touch nothing
+            named = ", ".join(map(repr, sorted(scopes)))
             raise ConfigurationError(
-                f"{self.table}.{self.column} holds values under keys of scope "
-                f"{', '.join(map(repr, sorted(scopes)))}, not {crypter.scope!r}: for a column "
-                "changing scope, convert it back under its old scope (decrypt_column(..., "
-                "scope=...)), then encrypt it under the new one"
+                f"{self.table}.{self.column} holds values under keys of scope {named}, not "
+                f"{crypter.scope!r}: "
+                + (
+                    "for a column changing scope, convert it back under its old scope "
+                    "(decrypt_column(..., scope=...)), then encrypt it under the new one"
+                    if self.encrypting
+                    else "if the column was encrypted under that scope, pass it: "
+                    f"decrypt_column(..., scope={min(scopes)!r})"
+                )
             )
         if unknown and not mixed:  # all ciphertext, of another keyring: touch nothing
             raise ConfigurationError(

@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection
 
 from .. import wire
 from ..column import Encrypted
 from ..crypter import ColumnCrypter
 from ..errors import ConfigurationError
-from .batches import connect, primary_key
+from .batches import primary_key
 
 if TYPE_CHECKING:
     from ..envelope import Envelope
@@ -211,25 +211,6 @@ def sample_column(
         return Stored(values=True, ours=False)
     scope, deterministic = _stored_mode(table.name, heads, key_scopes)
     return Stored(values=True, ours=True, scope=scope, deterministic=deterministic)
-
-
-def stored_scope(
-    envelope: Envelope, bind: Engine | Connection, table: str, column: str, schema: str | None
-) -> str | None:
-    """The scope to read a column's values under: the envelope's models' for it (values
-    of another scope then fail, as anywhere); for a column they do not declare, the
-    scope of most sampled values' keys; None (the table's) when neither tells."""
-    declared = envelope.columns.get((table, column))
-    if declared is not None:
-        return declared
-    with connect(bind) as conn, conn.begin():
-        inspector = sa.inspect(conn)
-        if not inspector.has_table(table, schema) or column not in {
-            c["name"] for c in inspector.get_columns(table, schema)
-        }:
-            return None  # the job says what is missing
-        found = sample_column(conn, envelope.table, sa.table(table, schema=schema), column)
-    return found.scope if found.ours else None
 
 
 def _sample(conn: Connection, table: sa.TableClause, column: str) -> list[tuple[int, int] | None]:

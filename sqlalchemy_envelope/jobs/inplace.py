@@ -16,7 +16,6 @@ from sqlalchemy.engine import Connection, Engine
 from ..column import Encrypted
 from .batches import Progress, naming_missing_tables
 from .conversion import DECRYPTING, ENCRYPTING, Conversion, abandon
-from .discovery import stored_scope
 from .reports import ColumnJobReport, ReencryptReport
 
 if TYPE_CHECKING:
@@ -88,19 +87,20 @@ def decrypt_column(
     """The inverse of :func:`encrypt_column`: restore the plaintext column of type ``type_``.
 
     Values are read under ``scope``'s keys: by default the scope the envelope's
-    models declare for the column, or for a column they do not declare, the
-    scope of most of its values' keys. Pass the old scope to convert a column
-    whose models already declare a new one. Commits once per batch;
-    resumable the same way.
+    models declare for the column, else the table's. Pass the old scope to
+    convert a column whose models declare a new one, or no longer declare it
+    and it had a scope of its own; a column whose values are all another
+    scope's is refused, naming that scope. Commits once per batch; resumable
+    the same way.
     """
     plain = type_() if isinstance(type_, type) else type_
     if not isinstance(plain, sa.types.TypeEngine) or isinstance(plain, Encrypted):
         raise TypeError(
             "decrypt_column needs the plaintext type to restore, such as sa.String(200)"
         )
-    # Values are read under their scope's keys only: the scope they were written in.
+    # Values are read under one scope's keys only, never one the stored values choose.
     if scope is None:
-        scope = stored_scope(envelope, bind, table_name, column_name, schema)
+        scope = envelope.columns.get((table_name, column_name))
     reader = Encrypted(plain, envelope, scope=scope).for_column(table_name, column_name)
     job = Conversion(
         table_name, column_name, schema, DECRYPTING, read=reader, write=plain, shadow_type=plain
