@@ -13,6 +13,7 @@ never leaves ciphertext whose key row vanished.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
@@ -40,6 +41,13 @@ def in_keyring_io() -> bool:
 
 
 STATES = (ACTIVE, RETIRED, DESTROYED)
+
+#: Seconds a statement on the keyring's own connections waits for a lock on the
+#: keyring table before it fails (PostgreSQL, MySQL; SQLite's driver waits 5 s).
+#: The keyring's own transactions are short; a longer wait is an application
+#: transaction that changed the table, has not committed, and now waits in turn
+#: for the key being loaded, which without a limit would wait forever.
+LOCK_TIMEOUT = 30.0
 
 
 def keyring_table(metadata: sa.MetaData, name: str) -> sa.Table:
@@ -122,13 +130,43 @@ def _own_pool(engine: Engine) -> Engine:
     ):
         _track(engine)
         return engine
-    return Engine(
+    own = Engine(
         engine.pool.recreate(),
         engine.dialect,
         engine.url,
         logging_name="sqlalchemy_envelope.keyring",
         hide_parameters=True,
     )
+    if _lock_timeout_sql(own.dialect.name) is not None:
+
+        @sa.event.listens_for(own, "connect")
+        def limit_lock_waits(dbapi_connection: Any, record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute(_lock_timeout_sql(own.dialect.name))
+            finally:
+                cursor.close()
+            dbapi_connection.commit()  # a SET in a transaction rolled back is undone
+
+    return own
+
+
+def _lock_timed_out(exc: sa.exc.DBAPIError) -> bool:
+    """Whether a statement failed for :data:`LOCK_TIMEOUT` (PostgreSQL 55P03, MySQL 1205)."""
+    orig = exc.orig
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    args = getattr(orig, "args", ())
+    return code == "55P03" or bool(args and args[0] == 1205)
+
+
+def _lock_timeout_sql(dialect: str) -> str | None:
+    """The session setting that gives a connection :data:`LOCK_TIMEOUT`, where there is one."""
+    if dialect == "postgresql":
+        return f"SET lock_timeout = {max(1, round(LOCK_TIMEOUT * 1000))}"
+    if dialect in ("mysql", "mariadb"):
+        seconds = max(1, math.ceil(LOCK_TIMEOUT))  # metadata locks, then InnoDB's row locks
+        return f"SET SESSION lock_wait_timeout = {seconds}, innodb_lock_wait_timeout = {seconds}"
+    return None
 
 
 #: Per engine whose one connection the keyring shares: the application's open
@@ -279,11 +317,13 @@ class Keyring:
         """Yield ``conn``; a statement that failed for want of the keyring table says so."""
         try:
             yield conn
-        except sa.exc.DBAPIError:
+        except sa.exc.DBAPIError as exc:
             if conn.invalidated:
                 raise
             if own:
                 conn.rollback()
+                if _lock_timed_out(exc):
+                    raise self._locked() from exc
             if self._table_exists(conn):
                 raise
         else:
@@ -302,7 +342,17 @@ class Keyring:
         return ConfigurationError(
             f"the keyring table {name!r} does not exist on this database: create it "
             "(metadata.create_all with the Envelope's MetaData, envelope.table.create"
-            "(engine), or op.create_keyring_table() in a migration)"
+            "(engine), or op.create_keyring_table() in a migration), and commit its creation "
+            "before writing encrypted values"
+        )
+
+    def _locked(self) -> ConfigurationError:
+        return ConfigurationError(
+            f"the keyring table {self.table.fullname!r} stayed locked by another transaction "
+            f"for {LOCK_TIMEOUT:g} s. Most likely it is the application's own: one that "
+            "created, dropped or altered the keyring table and, before committing, used an "
+            "encrypted column, which waits for this key. Commit the keyring table's creation "
+            "before writing encrypted values"
         )
 
     def _select(self) -> sa.Select[Any]:

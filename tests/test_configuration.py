@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from sqlalchemy_envelope import ConfigurationError, Encrypted, Envelope, LocalKms
+from sqlalchemy_envelope import ConfigurationError, Encrypted, Envelope, LocalKms, keyring
 
 SecretStr = Annotated[str, "secret"]
 
@@ -272,3 +272,69 @@ def test_a_missing_keyring_table_is_named_on_an_in_memory_database() -> None:
         envelope.keys()
     with pytest.raises(ConfigurationError, match=missing), engine.begin() as conn:
         conn.execute(notes.insert().values(id=1, body="one"))
+
+
+def _notes(envelope: Envelope) -> sa.Table:
+    return sa.Table(
+        "notes", envelope.metadata,  # type: ignore[arg-type]
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("body", Encrypted(sa.String(50), envelope)),
+    )  # fmt: skip
+
+
+def test_recreating_the_keyring_table_and_writing_in_one_transaction_fails_rather_than_hangs(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The keyring reads on its own connection, which does not see a table created by a
+    transaction that has not committed, and waits for one that transaction dropped and
+    created again, while that transaction waits for the key: a lock timeout ends it."""
+    monkeypatch.setattr(keyring, "LOCK_TIMEOUT", 0.5)
+    envelope = Envelope(sa.MetaData())
+    notes = _notes(envelope)
+    engine = sa.create_engine(pg_url)
+    envelope.configure(kms=LocalKms(b"k" * 32), engine=engine)
+    missing = pytest.raises(ConfigurationError, match="commit its creation before writing")
+    with missing, engine.begin() as conn:
+        envelope.metadata.create_all(conn)  # type: ignore[arg-type]
+        conn.execute(notes.insert().values(id=1, body="one"))
+    envelope.metadata.create_all(engine)  # type: ignore[arg-type]
+    started = time.monotonic()
+    locked = pytest.raises(ConfigurationError, match="Commit the keyring table's creation")
+    with locked, engine.begin() as conn:
+        envelope.metadata.drop_all(conn)  # type: ignore[arg-type]
+        envelope.metadata.create_all(conn)  # type: ignore[arg-type]
+        conn.execute(notes.insert().values(id=1, body="one"))
+    assert time.monotonic() - started < 10
+    envelope.metadata.create_all(engine)  # type: ignore[arg-type]
+    with engine.begin() as conn:  # committed first: the same write goes through
+        conn.execute(notes.insert().values(id=1, body="one"))
+        assert conn.execute(sa.select(notes.c.body)).scalar() == "one"
+    engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgres", "mysql"])
+def test_a_keyring_table_locked_by_another_transaction_is_named_after_the_timeout(
+    request: pytest.FixtureRequest, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(keyring, "LOCK_TIMEOUT", 1.0)
+    url = request.getfixturevalue("pg_url" if backend == "postgres" else "mysql_url")
+    envelope = Envelope(sa.MetaData())
+    notes = _notes(envelope)
+    engine = sa.create_engine(url)
+    envelope.metadata.create_all(engine)  # type: ignore[arg-type]
+    envelope.configure(kms=LocalKms(b"k" * 32), engine=engine)
+    lock = {
+        "postgres": "LOCK TABLE envelope_data_keys IN ACCESS EXCLUSIVE MODE",
+        "mysql": "LOCK TABLES envelope_data_keys WRITE",
+    }[backend]
+    with engine.connect() as holder:
+        holder.exec_driver_sql(lock)
+        locked = pytest.raises(ConfigurationError, match="stayed locked by another transaction")
+        with locked, engine.begin() as conn:
+            conn.execute(notes.insert().values(id=1, body="one"))
+        holder.rollback()
+        if backend == "mysql":
+            holder.exec_driver_sql("UNLOCK TABLES")
+    with engine.begin() as conn:
+        conn.execute(notes.insert().values(id=1, body="one"))
+    engine.dispose()
