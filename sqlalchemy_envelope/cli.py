@@ -133,11 +133,19 @@ class Settings:
             raise click.BadParameter(f"no SQLite database at {path}", param_hint="--url")
         try:
             # hide_parameters: values (plaintext while encrypting) never reach logs or errors.
-            return sa.create_engine(url, hide_parameters=True)
+            engine = sa.create_engine(url, hide_parameters=True)
         except ImportError as exc:
             raise click.ClickException(
                 f"cannot load the database driver for {url.drivername}: {exc}"
             ) from None
+        if engine.dialect.is_async:
+            raise click.BadParameter(
+                f"{url.drivername} is an asyncio driver; the command line needs a synchronous "
+                "one for the same database, such as postgresql+psycopg://, mysql+pymysql:// "
+                "or sqlite://",
+                param_hint="--url",
+            )
+        return engine
 
     def envelope(self, *, need_kms: bool = True) -> Envelope:
         """An Envelope on ``--url``'s database (and ``--kms``, unless not needed)."""
@@ -500,6 +508,8 @@ def reencrypt(
             f"alone; see: verify {table}",
             err=True,
         )
+    if not report.ok:
+        ctx.exit(1)
 
 
 @cli.command(short_help="Count TABLE's values per key; find plaintext, unreadable ones.")
@@ -548,6 +558,7 @@ def verify(
         rows = getattr(report, "rows", None)
         counted = "" if rows is None else f" ({rows} row{'' if rows == 1 else 's'})"
         click.echo(f"table {report.table}{counted}")
+        click.echo(f"  encrypted columns: {', '.join(report.columns) or 'none'}")
         for key_id, n in by_key.items():
             state = states.get(key_id, "not in keyring")
             click.echo(f"  key {key_id} ({state}): {n} values")

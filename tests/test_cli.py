@@ -239,6 +239,29 @@ def test_verify_finds_plaintext_and_tampered_values(db: Db) -> None:
     assert (report["plaintext"], report["unreadable"], report["ok"]) == (1, 0, False)
 
 
+def test_a_column_mostly_plaintext_is_still_found_verified_and_fails_the_jobs(db: Db) -> None:
+    """Old code writing plaintext after the swap: one value of ours marks the column as
+    encrypted, wherever it is, so verify and reencrypt count the rest as plaintext."""
+    engine = sa.create_engine(db.url)
+    table = sa.table("patients", sa.column("id"), sa.column("ssn"))
+    with engine.begin() as conn:
+        ids = conn.execute(sa.select(table.c.id).order_by(table.c.id)).scalars().all()
+        kept = ids[-1]  # its ssn stays encrypted
+        conn.execute(table.update().where(table.c.id != kept).values(ssn=b"999-00-0001"))
+    engine.dispose()
+    db.secrets.append("999-00-0001")
+    plain = len(ids) - 1
+    run = expect(
+        db.cli("verify", "patients"),
+        1,
+        f"plaintext: {plain}",
+        f"in patients.ssn: {plain} plaintext",
+        "PROBLEMS FOUND",
+    )
+    assert "ssn" in run.out.split("encrypted columns:")[1].splitlines()[0]
+    expect(db.cli("reencrypt", "patients"), 1, f"warning: {plain} plaintext")
+
+
 # -- re-wrapping under another KMS ------------------------------------------------------
 
 
@@ -312,11 +335,14 @@ def test_rotate_refuses_another_master_key_and_warns_of_an_unknown_scope(
         (["--url", "{url}", "--kms", "local:missing.key", "verify", "t"], "generate-master-key"),
         (["--url", "{url}", "keys", "destroy", "one"], "'one' is not a data key id"),
         (["--url", "{url}", "keys", "destroy", "--", "-3"], "'-3' is not a data key id"),
+        (["--url", "{aurl}", "keys", "list"], "sqlite+aiosqlite is an asyncio driver"),
     ],
 )
 def test_usage_errors_exit_2(args: list[str], message: str, sqlite_url: str) -> None:
     Path(sa.make_url(sqlite_url).database or "").touch()
-    expect(cli(*(a.format(url=sqlite_url) for a in args), cwd=ROOT), 2, message, "Usage:")
+    aurl = sqlite_url.replace("sqlite://", "sqlite+aiosqlite://")
+    run = cli(*(a.format(url=sqlite_url, aurl=aurl) for a in args), cwd=ROOT)
+    expect(run, 2, message, "Usage:")
 
 
 def test_failures_exit_1_with_one_line(sqlite_db: Db, tmp_path: Path) -> None:

@@ -113,8 +113,8 @@ def resolve(
                 f"table {name!r} has no binary column, so none of its columns is encrypted "
                 "(to encrypt one, see encrypt_column)"
             )
-        wanted = [c for c, heads in samples.items() if _looks_encrypted(heads, key_scopes)]
-        if not wanted and any(samples.values()):
+        wanted = [c for c, s in samples.items() if _looks_encrypted(s.heads, key_scopes)]
+        if not wanted and any(s.values for s in samples.values()):
             raise ConfigurationError(
                 f"found no encrypted columns in table {name!r}; name them "
                 "(columns=[...] in Python, --column NAME on the command line)"
@@ -127,7 +127,8 @@ def resolve(
             log.info("table %r: no encrypted values yet", name)
     crypters = {}
     for column in wanted:
-        scope, deterministic = _mode(name, column, types, envelope, samples[column], key_scopes)
+        heads = samples[column].heads
+        scope, deterministic = _mode(name, column, types, envelope, heads, key_scopes)
         crypters[column] = ColumnCrypter(
             envelope, name, column, scope=scope, deterministic=deterministic
         )
@@ -197,32 +198,41 @@ class Stored:
 def sample_column(
     conn: Connection, keyring: sa.Table, table: sa.TableClause, column: str
 ) -> Stored:
-    """Whether ``column`` holds values, and whether most are ours (headers naming keys of
+    """Whether ``column`` holds values, and whether any are ours (headers naming keys of
     ``keyring``, which may not exist: then none are), with their scope and mode."""
-    heads = _sample(conn, table, column)
-    if not heads:
+    sample = _sample(conn, table, column)
+    if not sample.values:
         return Stored(values=False, ours=False)
     if not sa.inspect(conn).has_table(keyring.name, schema=keyring.schema):
         return Stored(values=True, ours=False)
     key_scopes = {
         key: scope for key, scope in conn.execute(sa.select(keyring.c.id, keyring.c.scope))
     }
-    if not _looks_encrypted(heads, key_scopes):
+    if not _looks_encrypted(sample.heads, key_scopes):
         return Stored(values=True, ours=False)
-    scope, deterministic = _stored_mode(table.name, heads, key_scopes)
+    scope, deterministic = _stored_mode(table.name, sample.heads, key_scopes)
     return Stored(values=True, ours=True, scope=scope, deterministic=deterministic)
 
 
-def _sample(conn: Connection, table: sa.TableClause, column: str) -> list[tuple[int, int] | None]:
-    """Parsed headers of a few stored values (None where a value is not ours)."""
+@dataclass(frozen=True)
+class _Sample:
+    values: bool  # the column holds a value (not NULL)
+    heads: list[tuple[int, int]]  # (algorithm, key id) of a few values that carry our header
+
+
+def _sample(conn: Connection, table: sa.TableClause, column: str) -> _Sample:
+    """Headers of a few stored values carrying ours, wherever they are in the column:
+    one encrypted value among plaintext ones (written by old code) still tells."""
     col = sa.column(column, sa.LargeBinary)
-    stmt = sa.select(col).select_from(table).where(col.is_not(None)).limit(SAMPLE_SIZE)
-    return [wire.parse_header(v) for v in conn.execute(stmt).scalars()]
+    present = sa.select(col).select_from(table).where(col.is_not(None))
+    looks_ours = sa.func.substr(col, 1, 1) == bytes([wire.VERSION])
+    found = conn.execute(present.where(looks_ours).limit(SAMPLE_SIZE)).scalars()
+    heads = [h for h in map(wire.parse_header, found) if h is not None]
+    return _Sample(bool(heads) or conn.execute(present.limit(1)).first() is not None, heads)
 
 
-def _looks_encrypted(heads: list[tuple[int, int] | None], key_scopes: dict[int, str]) -> bool:
-    ours = sum(1 for h in heads if h is not None and h[1] in key_scopes)
-    return ours > len(heads) / 2
+def _looks_encrypted(heads: list[tuple[int, int]], key_scopes: dict[int, str]) -> bool:
+    return any(key_id in key_scopes for _, key_id in heads)
 
 
 def _mode(
@@ -230,7 +240,7 @@ def _mode(
     column: str,
     types: dict[str, Encrypted],
     envelope: Envelope,
-    heads: list[tuple[int, int] | None],
+    heads: list[tuple[int, int]],
     key_scopes: dict[int, str],
 ) -> tuple[str, bool]:
     declared = types.get(column)
@@ -241,10 +251,10 @@ def _mode(
 
 
 def _stored_mode(
-    table: str, heads: list[tuple[int, int] | None], key_scopes: dict[int, str]
+    table: str, heads: list[tuple[int, int]], key_scopes: dict[int, str]
 ) -> tuple[str, bool]:
     """The scope of most sampled values' keys and their most common algorithm."""
-    ours = [h for h in heads if h is not None and h[1] in key_scopes]
+    ours = [h for h in heads if h[1] in key_scopes]
     algorithms = Counter(a for a, _ in ours)
     deterministic = bool(algorithms) and algorithms.most_common(1)[0][0] == wire.DETERMINISTIC
     scopes = Counter(key_scopes[k] for _, k in ours)
