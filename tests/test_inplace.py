@@ -1174,3 +1174,35 @@ def test_values_moved_in_cannot_choose_the_scope_decrypt_column_reads_under(
     abandon_conversion(engine, "a_notes", "body")
     with engine.connect() as conn:
         assert conn.execute(sa.select(raw.c.body).order_by(raw.c.id)).scalars().all() == before
+
+
+def test_encrypting_again_in_the_other_mode_is_refused_and_reencrypt_changes_it(
+    db_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    """A migration asking for deterministic on a randomized column is not "already done":
+    lookups would find nothing. reencrypt with the models declaring it changes the mode."""
+    engine = make_engine(db_url)
+    envelope = Envelope(sa.MetaData())
+    metadata: Any = envelope.metadata
+    ids = sa.Table(
+        "ids",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("ssn", Encrypted(sa.String(11), envelope, deterministic=True)),
+    )
+    envelope.configure(kms=local_kms, engine=engine)
+    envelope.table.create(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE ids (id INTEGER PRIMARY KEY, ssn VARCHAR(11))")
+        conn.execute(sa.table("ids", sa.column("id"), sa.column("ssn")).insert(), [
+            {"id": i, "ssn": f"078-05-{i:04d}"} for i in range(20)
+        ])  # fmt: skip
+    assert encrypt_column(envelope, engine, "ids", "ssn", Encrypted(sa.String(11))).swapped
+    deterministic = Encrypted(sa.String(11), deterministic=True)
+    with pytest.raises(ConfigurationError, match="encrypted already, randomized, not determ"):
+        encrypt_column(envelope, engine, "ids", "ssn", deterministic)
+
+    assert envelope.reencrypt(ids).values_rewritten == 20
+    assert encrypt_column(envelope, engine, "ids", "ssn", deterministic).already_done
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(ids.c.id).where(ids.c.ssn == "078-05-0007")).scalar() == 7

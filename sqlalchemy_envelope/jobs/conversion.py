@@ -493,6 +493,8 @@ class Conversion:
                 if row is not None and row.scope != crypter.scope:
                     scopes.add(row.scope)
             else:
+                if self.encrypting:
+                    self._refuse_another_mode(wire.parse_header(value), crypter.algorithm)
                 return True
         if scopes and not mixed:  # all ciphertext, of another scope: touch nothing
             named = ", ".join(map(repr, sorted(scopes)))
@@ -514,6 +516,17 @@ class Conversion:
                 "configured with the keyring table the column was encrypted with?"
             )
         return False
+
+    def _refuse_another_mode(self, header: tuple[int, int] | None, asked: int) -> None:
+        """An encrypted column asked to be encrypted in the other mode is not done."""
+        if header is None or header[0] == asked:
+            return
+        modes = {wire.RANDOMIZED: "randomized", wire.DETERMINISTIC: "deterministic=True"}
+        raise ConfigurationError(
+            f"{self.table}.{self.column} is encrypted already, {modes.get(header[0], '?')}, "
+            f"not {modes[asked]} as asked: to change its mode, declare the new one in the "
+            "models and run reencrypt on the table, which rewrites every value in it"
+        )
 
     def _reflect(self, conn: Connection) -> sa.Table:
         with conn.begin():
