@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 from sqlalchemy_envelope import (
     ConfigurationError,
     DecryptionError,
+    Envelope,
     KeyDestroyedError,
     KeyNotFoundError,
     KmsError,
@@ -395,3 +396,12 @@ def test_a_key_another_task_is_loading_is_our_error_outside_the_greenlet(
         assert crypter.decrypt(stored) == b"async-1"  # loaded now
 
     run(async_url, main)
+
+
+def test_batch_jobs_on_an_asyncio_engine_name_its_driver_and_the_way_out(tmp_path: Any) -> None:
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'async.db'}")
+    envelope = Envelope(sa.MetaData())
+    envelope.configure(kms=LocalKms(os.urandom(32)), engine=engine)
+    with pytest.raises(ConfigurationError, match=r"sqlite\+aiosqlite is an asyncio one"):
+        envelope.reencrypt("patients")
+    asyncio.run(engine.dispose())

@@ -75,10 +75,12 @@ def sqlite_write_lock(conn: Connection, table: str, schema: str | None, column: 
 def connect(bind: Engine | Connection) -> Iterator[Connection]:
     """A connection on which the job may begin and commit one transaction per batch."""
     if isinstance(bind, (Engine, Connection)) and bind.dialect.is_async:
+        driver = f"{bind.dialect.name}+{bind.dialect.driver}"
         raise ConfigurationError(
-            "batch jobs run synchronously, on a synchronous driver (postgresql+psycopg:// "
-            "rather than postgresql+asyncpg://): run them with the command line tool, or "
-            "from a script that configures the envelope with sqlalchemy.create_engine(...)"
+            f"batch jobs run on a synchronous driver, and {driver} is an asyncio one: run "
+            "them with the command line tool, or from a script that configures the envelope "
+            "with sqlalchemy.create_engine(...) on a synchronous driver for the same "
+            "database (such as postgresql+psycopg://, mysql+pymysql:// or sqlite://)"
         )
     if isinstance(bind, Engine):
         with bind.connect() as conn:
