@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import sqlalchemy as sa
@@ -118,6 +119,93 @@ with other rewriters via ``.chain()``.
 """
 
 
+@process_revision_directives.rewrites(ops.MigrationScript)
+def _convert_binary_columns(
+    context: MigrationContext, revision: Any, script: ops.MigrationScript
+) -> ops.MigrationScript:
+    """Conversions of binary columns whose type autogenerate sees no change in.
+
+    ``LargeBinary`` and ``Encrypted(LargeBinary)`` are both stored as
+    ``bytea`` / ``BLOB``: where the models declare one and the column's values
+    say the other (values, none of them ours; or ours), the conversion is
+    added, with its reverse in the downgrade. An empty column tells nothing.
+    """
+    envelope = registered_envelope(context)
+    if envelope is None or context.connection is None or script.upgrade_ops is None:
+        return script
+    changing = {(c.table_name, c.column_name) for c in _alter_types(script.upgrade_ops)}
+    ours = {envelope.table.name, jobs_table_name(envelope)}  # wrapped keys are not values
+    inspector = sa.inspect(context.connection)
+    for column in _binary_model_columns(context):
+        table = column.table
+        if table.name in ours or (table.name, column.name) in changing:
+            continue
+        if not _stored_binary(inspector, column):
+            continue
+        encrypted = column.type if isinstance(column.type, Encrypted) else None
+        stored = _sample_stored(context, table.name, column.name, table.schema)
+        if not stored.values or stored.ours == (encrypted is not None):
+            continue
+        upgrade: ColumnOp
+        downgrade: ColumnOp
+        if encrypted is not None:
+            encrypt = EncryptColumnOp(table.name, column.name, encrypted, schema=table.schema)
+            upgrade, downgrade = encrypt, encrypt.reverse()
+        else:
+            scope = stored.scope or table.name
+            upgrade = DecryptColumnOp(
+                table.name, column.name, column.type, schema=table.schema, scope=scope
+            )
+            downgrade = EncryptColumnOp(
+                table.name, column.name,
+                Encrypted(column.type, deterministic=stored.deterministic,
+                          scope=None if scope == table.name else scope),
+                schema=table.schema,
+            )  # fmt: skip
+        script.upgrade_ops.ops.append(
+            ops.ModifyTableOps(table.name, [upgrade], schema=table.schema)
+        )
+        if script.downgrade_ops is not None:
+            script.downgrade_ops.ops.insert(
+                0, ops.ModifyTableOps(table.name, [downgrade], schema=table.schema)
+            )
+    return script
+
+
+def _alter_types(container: ops.OpContainer) -> Iterator[ops.AlterColumnOp]:
+    for op in container.ops:
+        if isinstance(op, ops.OpContainer):
+            yield from _alter_types(op)
+        elif isinstance(op, ops.AlterColumnOp) and op.modify_type is not None:
+            yield op
+
+
+def _binary_model_columns(context: MigrationContext) -> Iterator[sa.Column[Any]]:
+    """The models' columns stored as binary, plain or ``Encrypted`` over a binary type."""
+    target = context.opts.get("target_metadata")
+    include = context.opts.get("include_object")
+    for metadata in target if isinstance(target, Sequence) else [target]:
+        if not isinstance(metadata, sa.MetaData):
+            continue
+        for table in metadata.tables.values():
+            for column in table.columns:
+                inner = (
+                    column.type.inner_type if isinstance(column.type, Encrypted) else column.type
+                )
+                if not _binary(inner) or column.primary_key:
+                    continue
+                if include is None or include(column, column.name, "column", False, None):
+                    yield column
+
+
+def _stored_binary(inspector: sa.Inspector, column: sa.Column[Any]) -> bool:
+    table = column.table
+    if not inspector.has_table(table.name, schema=table.schema):
+        return False
+    reflected = {c["name"]: c["type"] for c in inspector.get_columns(table.name, table.schema)}
+    return column.name in reflected and _binary(reflected[column.name])
+
+
 @process_revision_directives.rewrites(ops.AlterColumnOp)
 def _convert_type_change(context: MigrationContext, revision: Any, op: ops.AlterColumnOp) -> Any:
     """A type change that encrypts or decrypts a column becomes encrypt/decrypt_column.
@@ -186,11 +274,17 @@ def _encrypted_already(context: MigrationContext, op: ops.AlterColumnOp, inner: 
 
 
 def _sample(context: MigrationContext, op: ops.AlterColumnOp) -> Stored:
+    return _sample_stored(context, op.table_name, op.column_name, op.schema)
+
+
+def _sample_stored(
+    context: MigrationContext, table_name: str, column: str, schema: str | None
+) -> Stored:
     envelope = registered_envelope(context)
     if envelope is None or context.connection is None:
         return Stored(values=True, ours=False)  # nothing to tell by: the author's change
-    table = sa.table(op.table_name, sa.column(op.column_name), schema=op.schema)
-    return sample_column(context.connection, envelope.table, table, op.column_name)
+    table = sa.table(table_name, sa.column(column), schema=schema)
+    return sample_column(context.connection, envelope.table, table, column)
 
 
 def _other_changes(op: ops.AlterColumnOp) -> bool:

@@ -404,6 +404,61 @@ def test_autogenerate_turns_dropping_encrypted_into_decrypt_column(
         assert autogenerate(engine, metadata)[0].upgrade_ops.is_empty()  # type: ignore[union-attr]
 
 
+def commands(rendered: str) -> list[str]:
+    """The operations of a rendered migration body, without Alembic's comments."""
+    return [line.strip() for line in rendered.splitlines() if line.strip()[:1] not in ("", "#")]
+
+
+def test_autogenerate_converts_binary_columns_by_their_values(
+    engine: sa.Engine, migrate: Callable[..., Operations], local_kms: LocalKms
+) -> None:
+    """LargeBinary and Encrypted(LargeBinary) are the same column type in the database:
+    the values tell autogenerate whether the models' declaration changes them."""
+    blobs = [bytes([1, 1]) + bytes(10), b"\x00\xffpng", b"", None]  # one begins like ours
+
+    def files(encrypted: bool) -> tuple[sa.MetaData, sa.Table]:
+        metadata = sa.MetaData()
+        envelope = Envelope(metadata)
+        envelope.configure(kms=local_kms, engine=engine)
+        body = Encrypted(sa.LargeBinary, envelope) if encrypted else sa.LargeBinary()
+        table = sa.Table(
+            "files", metadata,
+            sa.Column("id", sa.Integer, primary_key=True),
+            sa.Column("body", body),
+        )  # fmt: skip
+        return metadata, table
+
+    plain_metadata, plain = files(encrypted=False)
+    plain_metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(plain.insert(), [{"id": i, "body": b} for i, b in enumerate(blobs)])
+    metadata, encrypted = files(encrypted=True)
+    _, upgrade, downgrade = autogenerate(engine, metadata)
+    body = "sqlalchemy_envelope.Encrypted(sa.LargeBinary())"
+    decrypt = "op.decrypt_column('files', 'body', sa.LargeBinary(), scope='files')"
+    assert commands(upgrade) == [f"op.encrypt_column('files', 'body', {body})"]
+    assert commands(downgrade) == [decrypt]
+
+    namespace: dict[str, Any] = {"op": migrate(metadata), "sa": sa}
+    exec("import sqlalchemy_envelope", namespace)
+    run(upgrade, namespace)
+    with engine.connect() as conn:
+        assert (
+            conn.execute(sa.select(encrypted.c.body).order_by(encrypted.c.id)).scalars().all()
+            == blobs
+        )
+    assert autogenerate(engine, metadata)[0].upgrade_ops.is_empty()  # type: ignore[union-attr]
+
+    _, upgrade, downgrade = autogenerate(engine, plain_metadata)  # the models drop Encrypted
+    assert commands(upgrade) == [decrypt]
+    assert commands(downgrade) == [f"op.encrypt_column('files', 'body', {body})"]
+    namespace["op"] = migrate(plain_metadata)
+    run(upgrade, namespace)
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(plain.c.body).order_by(plain.c.id)).scalars().all() == blobs
+    assert autogenerate(engine, plain_metadata)[0].upgrade_ops.is_empty()  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize("filled", [True, False], ids=["with values", "empty"])
 def test_autogenerate_resizes_an_encrypted_column_without_decrypting_it(
     mysql_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms, filled: bool
