@@ -68,17 +68,7 @@ class KmsSpec:
             return LocalKms.from_file(self.target)
         from .kms.aws import AwsKms
 
-        return AwsKms(
-            self.target, region_name=_arn_region(self.target), endpoint_url=aws_endpoint_url
-        )
-
-
-def _arn_region(key_id: str) -> str | None:
-    # A key lives in one region: an ARN names it, so it wins over AWS_DEFAULT_REGION.
-    parts = key_id.split(":")
-    if len(parts) >= 6 and parts[0] == "arn" and parts[2] == "kms" and parts[3]:
-        return parts[3]
-    return None
+        return AwsKms(self.target, endpoint_url=aws_endpoint_url)  # an ARN names its region
 
 
 def _parse_kms(ctx: click.Context, param: click.Parameter, value: str | None) -> KmsSpec | None:

@@ -400,6 +400,20 @@ def test_missing_region_is_a_configuration_error(
         AwsKms("alias/app")
 
 
+@pytest.mark.parametrize("default_region", [None, REGION], ids=["unset", "another"])
+def test_a_key_arn_names_the_region(
+    kms_backend: KmsBackend, monkeypatch: pytest.MonkeyPatch, default_region: str | None
+) -> None:
+    """A key lives in one region: its ARN's, whatever AWS_DEFAULT_REGION says."""
+    cmk = kms_backend.create_cmk("eu-west-1")
+    if default_region is None:
+        monkeypatch.delenv("AWS_DEFAULT_REGION")
+    kms = AwsKms(cmk.arn, endpoint_url=kms_backend.endpoint_url)
+    generated = kms.generate_data_key(CONTEXT)
+    assert kms.unwrap(generated.wrapped, CONTEXT, generated.kms_key_id) == generated.plaintext
+    assert AwsKms(cmk.arn, region_name="ap-south-1")._client.meta.region_name == "ap-south-1"
+
+
 def test_missing_boto3(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "boto3", None)  # makes `import boto3` fail
     with pytest.raises(ConfigurationError, match=r"pip install 'sqlalchemy-envelope\[aws\]'"):

@@ -42,7 +42,9 @@ class AwsKms:
             raise ValueError("pass either client or region_name/endpoint_url, not both")
         self._key_id = key_id
         _redact_botocore_logs()
-        self._client = client if client is not None else _make_client(region_name, endpoint_url)
+        if client is None:
+            client = _make_client(region_name or arn_region(key_id), endpoint_url)
+        self._client = client
         self._arn: str | None = key_id if _is_key_arn(key_id) else None
         self._arn_lock = threading.Lock()
 
@@ -200,7 +202,8 @@ def _make_client(region_name: str | None, endpoint_url: str | None) -> Any:
     except BotoCoreError as exc:
         # e.g. NoRegionError: nothing secret in botocore's text here.
         raise ConfigurationError(
-            f"cannot create an AWS KMS client: {exc} (pass region_name= or set AWS_DEFAULT_REGION)"
+            f"cannot create an AWS KMS client: {exc} "
+            "(pass region_name=, set AWS_DEFAULT_REGION, or name the key by its ARN)"
         ) from None
 
 
@@ -241,6 +244,15 @@ def _field(response: Mapping[str, Any], name: str, kind: type[_T], operation: st
 
 def _malformed(operation: str, name: str) -> NoReturn:
     raise KmsError(f"AWS KMS {operation} returned a response without a valid {name}")
+
+
+def arn_region(key_id: str) -> str | None:
+    """The region a KMS ARN names, else None."""
+    # A key lives in one region: an ARN names it, so it wins over AWS_DEFAULT_REGION.
+    parts = key_id.split(":")
+    if len(parts) >= 6 and parts[0] == "arn" and parts[2] == "kms" and parts[3]:
+        return parts[3]
+    return None
 
 
 def _is_key_arn(key_id: str) -> bool:
