@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import traceback
 import uuid
 from collections import Counter
@@ -390,6 +391,52 @@ def test_unreachable_endpoint(aws_credentials: None) -> None:
         AwsKms("alias/app", client=client).generate_data_key(CONTEXT)
     assert info.value.code is None
     assert "alias/app" in str(info.value)
+
+
+def test_an_endpoint_that_never_answers_fails_within_seconds(aws_credentials: None) -> None:
+    """An endpoint that accepts connections and never answers: botocore's defaults would
+    hold the caller (a flush) for 3 minutes; AwsKms's own client gives up in seconds."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)  # the kernel accepts; nothing ever reads or answers
+        kms = AwsKms("alias/app", endpoint_url=f"http://127.0.0.1:{listener.getsockname()[1]}")
+        attempts: list[object] = []
+        kms._client.meta.events.register("before-send.kms", lambda **kw: attempts.append(kw))
+        errors: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                kms.generate_data_key(CONTEXT)
+            except BaseException as exc:
+                errors.append(exc)
+
+        started = time.monotonic()
+        worker = threading.Thread(target=call, daemon=True)
+        worker.start()
+        worker.join(timeout=12)  # 3 attempts x 2 s read timeout, with room for a busy machine
+        elapsed = time.monotonic() - started
+        assert not worker.is_alive(), f"still waiting for the KMS after {elapsed:.0f} s"
+    (error,) = errors
+    assert isinstance(error, KmsError) and error.code is None
+    assert "GenerateDataKey" in str(error) and "ReadTimeout" in str(error)
+    assert len(attempts) == 3
+
+
+def test_config_is_merged_over_the_defaults(aws_credentials: None) -> None:
+    config = AwsKms("alias/app", config=Config(read_timeout=30))._client.meta.config
+    assert (config.connect_timeout, config.read_timeout) == (1, 30)
+    assert config.retries == {"mode": "standard", "total_max_attempts": 3}
+    retries = Config(retries={"mode": "adaptive", "total_max_attempts": 5})
+    assert AwsKms("alias/app", config=retries)._client.meta.config.retries["mode"] == "adaptive"
+    with pytest.raises(TypeError, match=r"botocore\.config\.Config"):
+        AwsKms("alias/app", config={"read_timeout": 30})
+
+
+def test_a_client_passed_in_keeps_its_own_config(aws_credentials: None) -> None:
+    client = boto3.session.Session().client("kms", config=Config(read_timeout=45))
+    assert AwsKms("alias/app", client=client)._client.meta.config.read_timeout == 45
+    with pytest.raises(ValueError, match="client"):
+        AwsKms("alias/app", client=client, config=Config(read_timeout=5))
 
 
 def test_missing_region_is_a_configuration_error(
