@@ -17,7 +17,7 @@ from . import _runtime
 from .cache import Cache, Stats
 from .errors import ConfigurationError, KeyDestroyedError, KeyNotFoundError, KmsError
 from .keyring import ACTIVE, DESTROYED, RETIRED, Keyring, KeyRow
-from .kms.base import DATA_KEY_BYTES, KeyProvider, scope_context
+from .kms.base import DATA_KEY_BYTES, GeneratedKey, KeyProvider, scope_context
 
 log = logging.getLogger("sqlalchemy_envelope")
 
@@ -110,6 +110,18 @@ class KeyManager:
         if len(material) != DATA_KEY_BYTES:
             raise KmsError(f"the KMS returned a data key of the wrong size for key {row.id}")
         return DataKey(row.id, row.scope, material)
+
+    def generate(self, scope: str) -> GeneratedKey:
+        """A new data key for ``scope``, refused before anything stores it if another
+        process could not use it (every process expects DATA_KEY_BYTES)."""
+        generated = self.call_kms(self.kms.generate_data_key, scope_context(scope))
+        if len(generated.plaintext) != DATA_KEY_BYTES:
+            raise KmsError(
+                f"the KMS generated a data key of the wrong size for scope {scope!r} "
+                f"({len(generated.plaintext)} bytes, not {DATA_KEY_BYTES}); nothing was "
+                "written: fix the KMS provider's generate_data_key"
+            )
+        return generated
 
     # -- lookups ---------------------------------------------------------------------
     def data_key(self, key_id: int, scope: str | None = None) -> tuple[float, DataKey]:
@@ -231,7 +243,7 @@ class KeyManager:
         self._prepared |= missing
 
     def _create(self, scope: str) -> int:
-        generated = self.call_kms(self.kms.generate_data_key, scope_context(scope))
+        generated = self.generate(scope)
         row = self.keyring.insert_active(scope, generated.wrapped, generated.kms_key_id)
         if row is None:  # another process created the scope's key first: use theirs
             row = self.keyring.active(scope)

@@ -50,7 +50,7 @@ def rotate(envelope: Envelope, scope: str) -> int:
     manager = envelope._keys()
     rows = manager.keyring.rows(scope)
     _check_kms(manager, scope, rows)
-    generated = manager.call_kms(manager.kms.generate_data_key, scope_context(scope))
+    generated = manager.generate(scope)
     row, old = manager.keyring.replace_active(scope, generated.wrapped, generated.kms_key_id)
     envelope._forget(scope=scope)
     manager.cache.put(row.id, DataKey(row.id, scope, generated.plaintext))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -23,6 +24,7 @@ from sqlalchemy_envelope import (
     LocalKms,
 )
 from sqlalchemy_envelope.cache import Cache, Stats
+from sqlalchemy_envelope.kms import GeneratedKey
 
 
 def _schema(**options: float) -> tuple[Envelope, sa.Table]:
@@ -359,6 +361,31 @@ def test_rotate_refuses_what_would_strand_the_application(
     calls = envelope.stats.kms_calls
     assert envelope.rotate("visits") > first  # with the right KMS
     assert envelope.stats.kms_calls == calls + 1  # GenerateDataKey only: no check costs a call
+
+
+def test_a_generated_key_of_the_wrong_size_is_refused_before_anything_is_written(
+    sqlite_url: str, make_engine: Callable[..., sa.Engine]
+) -> None:
+    """Values under a 16-byte key would be written here and fail in every other process
+    ("wrong size"): the key is refused when generated, for a first write and a rotation."""
+
+    class ShortKeys(LocalKms):
+        def generate_data_key(self, context: Mapping[str, str]) -> GeneratedKey:
+            generated = super().generate_data_key(context)
+            return GeneratedKey(generated.plaintext[:16], generated.wrapped, generated.kms_key_id)
+
+    envelope, table = _schema()
+    engine = make_engine(sqlite_url)
+    table.metadata.create_all(engine)
+    envelope.configure(kms=ShortKeys(os.urandom(32)), engine=engine)
+    refused = r"wrong size for scope 'notes' \(16 bytes, not 32\)"
+    with pytest.raises(KmsError, match=refused), engine.begin() as conn:
+        conn.execute(table.insert().values(id=1, body="written under a short key"))
+    with pytest.raises(KmsError, match="16 bytes, not 32"):
+        envelope.rotate("notes")
+    assert envelope.keys() == []
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one() == 0
 
 
 def test_a_listing_read_across_a_key_change_is_read_again(

@@ -63,6 +63,20 @@ def test_generate_and_unwrap(kms_backend: KmsBackend, aws_cmk: Cmk, which: str) 
     assert kms.unwrap(generated.wrapped, CONTEXT, generated.kms_key_id) == generated.plaintext
 
 
+def test_a_generated_key_of_the_wrong_size_is_refused(
+    kms_backend: KmsBackend, aws_cmk: Cmk
+) -> None:
+    client = kms_backend.client()
+    # A real 16-byte key from the KMS: the request asks for AES_128 instead of AES_256.
+    client.meta.events.register(
+        "provide-client-params.kms.GenerateDataKey",
+        lambda params, **_: {**params, "KeySpec": "AES_128"},
+    )
+    with pytest.raises(KmsError, match="16 bytes") as info:
+        AwsKms(aws_cmk.alias, client=client).generate_data_key(CONTEXT)
+    assert "GenerateDataKey" in str(info.value) and aws_cmk.alias in str(info.value)
+
+
 def test_wrap_and_unwrap(kms_backend: KmsBackend, aws_cmk: Cmk) -> None:
     kms = kms_backend.provider(aws_cmk.alias)
     data_key = os.urandom(32)

@@ -74,8 +74,14 @@ class AwsKms:
             KeySpec="AES_256",
             EncryptionContext=dict(context),
         )
+        plaintext = _field(response, "Plaintext", bytes, "GenerateDataKey")
+        if len(plaintext) != DATA_KEY_BYTES:
+            raise KmsError(
+                f"AWS KMS GenerateDataKey returned a data key of {len(plaintext)} bytes for "
+                f"{self._key_id}, not {DATA_KEY_BYTES}"
+            )
         return GeneratedKey(
-            plaintext=_field(response, "Plaintext", bytes, "GenerateDataKey"),
+            plaintext=plaintext,
             wrapped=_field(response, "CiphertextBlob", bytes, "GenerateDataKey"),
             kms_key_id=_field(response, "KeyId", str, "GenerateDataKey"),
         )
