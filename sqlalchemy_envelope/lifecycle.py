@@ -89,14 +89,18 @@ def _check_kms(manager: KeyManager, scope: str, rows: list[KeyRow]) -> None:
     application may not unwrap it (another master key file, another CMK):
     refused when this KMS cannot unwrap the current key either, logged as a
     warning when it can (an alias moved to a new CMK that the application may
-    use as well).
+    use as well). When the KMS cannot tell which key it wraps under (an AWS
+    role without kms:DescribeKey), the refusal or warning says so.
     """
     live = [r for r in rows if r.state in (ACTIVE, RETIRED)] or [
         r for r in manager.keyring.rows() if r.state in (ACTIVE, RETIRED)
     ]
-    if not live or _owns(manager.kms, live[-1].kms_key_id):
+    if not live:
         return
     current = live[-1]
+    owned = _owns(manager.kms, current.kms_key_id)
+    if owned is True:
+        return
     try:
         manager.data_key(current.id)
     except KmsError as exc:
@@ -104,30 +108,47 @@ def _check_kms(manager: KeyManager, scope: str, rows: list[KeyRow]) -> None:
             raise
         refusal = str(exc)
     else:
-        log.warning(
-            "rotating scope %r under another KMS key than data key %d's (%s): "
-            "the application must be able to unwrap keys under both",
-            scope,
-            current.id,
-            current.kms_key_id,
-        )
+        if owned is False:
+            log.warning(
+                "rotating scope %r under another KMS key than data key %d's (%s): "
+                "the application must be able to unwrap keys under both",
+                scope, current.id, current.kms_key_id,
+            )  # fmt: skip
+        else:
+            log.warning(
+                "rotating scope %r: cannot tell whether this KMS wraps under %s, data key "
+                "%d's CMK (%s), though it unwraps that key; grant kms:DescribeKey to tell. "
+                "If it is another CMK, the application must be able to unwrap keys under both",
+                scope, current.kms_key_id, current.id, owned,
+            )  # fmt: skip
         return
+    if owned is False:
+        raise ConfigurationError(
+            f"not rotating scope {scope!r}: this KMS cannot unwrap data key {current.id} "
+            f"({refusal}), so the application, which can, might not unwrap a key made by "
+            "this one. Use the application's KMS or master key; to move to another one, "
+            "re-wrap every key first (envelope.rewrap / keys rewrap)"
+        )
+    if owned.code in _TRANSIENT:
+        raise owned  # the KMS could not answer now: worth retrying as is
     raise ConfigurationError(
-        f"not rotating scope {scope!r}: this KMS cannot unwrap data key {current.id} "
-        f"({refusal}), so the application, which can, might not unwrap a key made by "
-        "this one. Use the application's KMS or master key; to move to another one, "
-        "re-wrap every key first (envelope.rewrap / keys rewrap)"
+        f"not rotating scope {scope!r}: cannot tell which CMK this KMS names ({owned}), "
+        f"nor unwrap data key {current.id} with it ({refusal}), so cannot check that it "
+        f"is the application's ({current.kms_key_id}). Grant this role kms:DescribeKey "
+        "on the CMK and rotate again"
     )
 
 
-def _owns(kms: KeyProvider, kms_key_id: str) -> bool:
-    """Whether ``kms`` wraps under ``kms_key_id``; False when it cannot tell (an AWS role
-    without DescribeKey), which leaves the decision to an unwrap. Not a counted KMS
+def _owns(kms: KeyProvider, kms_key_id: str) -> bool | KmsError:
+    """Whether ``kms`` wraps under ``kms_key_id``, or the error that kept it from telling
+    (an AWS role without kms:DescribeKey): then an unwrap decides. Not a counted KMS
     call: the providers answer from memory, AWS after one DescribeKey."""
     try:
         return bool(_runtime.offload(kms.owns, kms_key_id))
-    except Exception:  # any failure: undecided, the unwrap decides
-        return False
+    except KmsError as exc:
+        return exc
+    except Exception as exc:  # a provider that broke its contract
+        return KmsError(f"{kms!r} could not tell which key it wraps under: {type(exc).__name__}")
 
 
 def rewrap(

@@ -9,10 +9,14 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import boto3
 import pytest
 import sqlalchemy as sa
+from botocore.awsrequest import AWSResponse
+from moto import mock_aws
 
 from sqlalchemy_envelope import (
+    AwsKms,
     ConfigurationError,
     DecryptionError,
     Encrypted,
@@ -25,6 +29,8 @@ from sqlalchemy_envelope import (
 )
 from sqlalchemy_envelope.cache import Cache, Stats
 from sqlalchemy_envelope.kms import GeneratedKey
+
+from .kms_fixtures import REGION, KmsBackend, aws_credentials  # noqa: F401
 
 
 def _schema(**options: float) -> tuple[Envelope, sa.Table]:
@@ -361,6 +367,60 @@ def test_rotate_refuses_what_would_strand_the_application(
     calls = envelope.stats.kms_calls
     assert envelope.rotate("visits") > first  # with the right KMS
     assert envelope.stats.kms_calls == calls + 1  # GenerateDataKey only: no check costs a call
+
+
+def deny(client: Any, *operations: str) -> None:
+    """AWS's refusal of ``operations`` to this role, raised by the boto3 client itself
+    (moto's IAM checks answer KMS in a form botocore reads as code '403')."""
+
+    def refuse(model: Any, **_: Any) -> Any:
+        if model.name not in operations:
+            return None
+        error = {"Code": "AccessDeniedException", "Message": f"not authorized: kms:{model.name}"}
+        return AWSResponse("https://kms.us-east-1.amazonaws.com/", 400, {}, None), {"Error": error}
+
+    client.meta.events.register("before-call.kms", refuse)
+
+
+def test_rotate_without_describe_key_says_it_cannot_tell_the_cmk(
+    aws_credentials: None,  # noqa: F811
+    sqlite_url: str,
+    make_engine: Callable[..., sa.Engine],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An operator's role without kms:DescribeKey, on the application's own CMK: not told
+    to use the application's KMS, but that it cannot tell which CMK the alias names."""
+    with mock_aws():
+        cmk = KmsBackend("in-process", None).create_cmk()
+        envelope, table = _schema()
+        engine = make_engine(sqlite_url)
+        table.metadata.create_all(engine)
+        envelope.configure(kms=AwsKms(cmk.alias, region_name=REGION), engine=engine)
+        first = envelope.rotate("notes")
+
+        operator, _ = _schema()
+        client = boto3.session.Session().client("kms", region_name=REGION)
+        deny(client, "DescribeKey", "Decrypt")
+        operator.configure(kms=AwsKms(cmk.alias, client=client), engine=engine)
+        with pytest.raises(ConfigurationError) as info:
+            operator.rotate("notes")
+        message = str(info.value)
+        described = (
+            f"cannot tell which CMK this KMS names (AWS KMS DescribeKey failed for {cmk.alias}"
+        )
+        assert described in message
+        assert "AccessDeniedException" in message and "Grant this role kms:DescribeKey" in message
+        assert "Use the application's KMS" not in message
+        assert [k.id for k in envelope.keys()] == [first]
+
+        client = boto3.session.Session().client("kms", region_name=REGION)
+        deny(client, "DescribeKey")  # it may unwrap: the rotation goes on, with a warning
+        operator.configure(kms=AwsKms(cmk.alias, client=client), engine=engine)
+        caplog.set_level(logging.WARNING, logger="sqlalchemy_envelope")
+        assert operator.rotate("notes") > first
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "sqlalchemy_envelope"]
+    assert "cannot tell whether this KMS wraps under" in warning and "AccessDenied" in warning
+    assert "grant kms:DescribeKey" in warning
 
 
 def test_a_generated_key_of_the_wrong_size_is_refused_before_anything_is_written(
