@@ -475,6 +475,59 @@ def test_a_key_arn_names_the_region(
     assert AwsKms(cmk.arn, region_name="ap-south-1")._client.meta.region_name == "ap-south-1"
 
 
+@pytest.mark.parametrize(
+    ("variable", "endpoint"),
+    [
+        ("AWS_ENDPOINT_URL_KMS", "http://kms.internal.example:4566"),
+        ("AWS_ENDPOINT_URL", "http://10.0.0.5"),
+        ("AWS_ENDPOINT_URL_KMS", "HTTP://[fd00::1]:8080"),
+        (None, "http://kms.internal.example"),
+    ],
+)
+def test_a_plain_http_endpoint_is_warned_about(
+    aws_credentials: None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    variable: str | None,
+    endpoint: str,
+) -> None:
+    """boto3 honours AWS_ENDPOINT_URL(_KMS): AwsKms('alias/app') could send keys in the clear."""
+    if variable is not None:
+        monkeypatch.setenv(variable, endpoint)
+    caplog.set_level(logging.WARNING, logger="sqlalchemy_envelope")
+    kms = AwsKms("alias/app", endpoint_url=None if variable else endpoint)
+    (warning,) = [r for r in caplog.records if r.name == "sqlalchemy_envelope"]
+    assert warning.levelno == logging.WARNING
+    assert "AwsKms('alias/app')" in warning.getMessage() and "plain HTTP" in warning.getMessage()
+    with Stubber(kms._client) as stubber:  # one warning per AwsKms, not one per call
+        response = {"Plaintext": os.urandom(32), "CiphertextBlob": b"wrapped", "KeyId": ARN}
+        stubber.add_response("generate_data_key", response)
+        kms.generate_data_key(CONTEXT)
+    assert len([r for r in caplog.records if r.name == "sqlalchemy_envelope"]) == 1
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "https://kms.internal.example",
+        "http://127.0.0.1:4566",
+        "http://127.9.8.7",
+        "http://localhost:4566",
+        "http://[::1]:4566",
+    ],
+)
+def test_https_and_loopback_endpoints_are_not_warned_about(
+    aws_credentials: None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    endpoint: str,
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL_KMS", endpoint)
+    caplog.set_level(logging.WARNING, logger="sqlalchemy_envelope")
+    assert AwsKms("alias/app")._client.meta.endpoint_url.lower() == endpoint.lower()
+    assert not [r for r in caplog.records if r.name == "sqlalchemy_envelope"]
+
+
 def test_missing_boto3(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "boto3", None)  # makes `import boto3` fail
     with pytest.raises(ConfigurationError, match=r"pip install 'sqlalchemy-envelope\[aws\]'"):

@@ -8,14 +8,18 @@ naming the operation, the AWS error code and the CMK, never key bytes.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 import threading
 from collections.abc import Mapping
 from typing import Any, NoReturn, TypeVar
+from urllib.parse import urlsplit
 
 from ..errors import ConfigurationError, KmsError
 from .base import DATA_KEY_BYTES, GeneratedKey, KeyProvider
+
+log = logging.getLogger("sqlalchemy_envelope")
 
 _INSTALL_HINT = "pip install 'sqlalchemy-envelope[aws]'"
 
@@ -56,6 +60,7 @@ class AwsKms:
         if client is None:
             client = _make_client(region_name or arn_region(key_id), endpoint_url, config)
         self._client = client
+        _warn_if_plain_http(self)
         self._arn: str | None = key_id if _is_key_arn(key_id) else None
         self._arn_lock = threading.Lock()
 
@@ -204,6 +209,32 @@ def _redact_botocore_logs() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _RedactDataKeys) for f in logger.filters):
             logger.addFilter(_RedactDataKeys())
+
+
+def _warn_if_plain_http(kms: AwsKms) -> None:
+    """boto3 also takes the endpoint from AWS_ENDPOINT_URL_KMS or AWS_ENDPOINT_URL: an
+    http:// one sends data keys over the network in the clear, unless it stays on this host."""
+    endpoint = getattr(getattr(kms._client, "meta", None), "endpoint_url", None)
+    if not isinstance(endpoint, str):
+        return
+    url = urlsplit(endpoint)
+    host = (url.hostname or "").rstrip(".")
+    if url.scheme.lower() != "http" or host == "localhost" or _is_loopback(host):
+        return
+    log.warning(
+        "%r talks to its KMS at %s over plain HTTP: data keys cross the network "
+        "unencrypted. Use an https:// endpoint (endpoint_url=, AWS_ENDPOINT_URL_KMS, "
+        "AWS_ENDPOINT_URL)",
+        kms,
+        host,
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name, not an address
+        return False
 
 
 def _make_client(region_name: str | None, endpoint_url: str | None, config: Any) -> Any:
