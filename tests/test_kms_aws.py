@@ -595,3 +595,16 @@ def test_botocore_debug_logs_hold_no_data_key(
     assert "Response body" in caplog.text and "<redacted>" in caplog.text
     for form in secret_forms(data_key):
         assert form not in caplog.text
+
+
+def test_botocore_debug_logs_hold_wrapped_keys(
+    kms_backend: KmsBackend, aws_cmk: Cmk, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not redacted, and documented: the CiphertextBlob of a response is a wrapped key,
+    which needs the KMS to open (what a database dump holds anyway)."""
+    kms = kms_backend.provider(aws_cmk.alias)
+    with caplog.at_level(logging.DEBUG):
+        generated = kms.generate_data_key(CONTEXT)
+    assert base64.b64encode(generated.wrapped).decode() in caplog.text
+    for form in secret_forms(generated.plaintext):
+        assert form not in caplog.text

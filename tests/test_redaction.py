@@ -214,6 +214,22 @@ def test_echo_debug_logs_decrypted_rows(setup: Setup, caplog: pytest.LogCaptureF
     assert PLANTED["name"] in logged
 
 
+def test_engine_debug_logs_hold_wrapped_keys_never_unwrapped_ones(
+    setup: Setup, caplog: pytest.LogCaptureFixture
+) -> None:
+    # NOT protected, and documented: with sqlalchemy.engine at DEBUG the keyring's own
+    # engine logs its result rows, wrapped keys among them (what a dump holds anyway).
+    with setup.engine.connect() as conn:
+        table = setup.app.envelope.table
+        wrapped = conn.execute(sa.select(table.c.wrapped_key)).scalars().all()
+    setup.cold()  # a fresh process: keys are read from the keyring again
+    with caplog.at_level(logging.DEBUG, logger="sqlalchemy.engine"), Session(setup.engine) as s:
+        assert s.get(setup.app.Patient, 1) is not None
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert any(repr(bytes(w))[2:40] in logged for w in wrapped), logged[:2000]
+    setup.secrets().check_text(logged, "the sqlalchemy.engine DEBUG log")
+
+
 # -- errors in the middle of a flush ----------------------------------------------------------
 FAILURES = {
     "kms-error": lambda: KmsError("the KMS is unreachable", code="KMSInternalException"),
