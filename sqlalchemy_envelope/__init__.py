@@ -21,6 +21,7 @@ from .errors import (
     KeyInUseError,
     KeyNotFoundError,
     KmsError,
+    RotationConflictError,
     TableBusyError,
     ValueTypeError,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "KeyProvider",
     "KmsError",
     "LocalKms",
+    "RotationConflictError",
     "Stats",
     "TableBusyError",
     "ValueTypeError",

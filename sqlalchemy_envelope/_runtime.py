@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -33,6 +34,14 @@ def offload(fn: Callable[..., T], *args: Any) -> T:
         result: T = _await(asyncio.to_thread(fn, *args))
         return result
     return fn(*args)
+
+
+def sleep(seconds: float) -> None:
+    """Pause this caller; inside an asyncio greenlet, without pausing the event loop."""
+    if in_greenlet():
+        _await(asyncio.sleep(seconds))
+    else:
+        time.sleep(seconds)
 
 
 def wait(future: concurrent.futures.Future[T]) -> T:

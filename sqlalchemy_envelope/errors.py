@@ -55,6 +55,13 @@ class ValueTypeError(EnvelopeError, TypeError):
     """A Python value of the wrong type was bound to an encrypted column."""
 
 
+class RotationConflictError(EnvelopeError):
+    """Concurrent rotations of one scope kept conflicting with this one through every retry.
+
+    Nothing changed (the scope keeps the key that is active now): rotate again.
+    """
+
+
 class TableBusyError(EnvelopeError):
     """A job's schema change could not lock its table without stalling the application.
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import random
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
@@ -25,7 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from . import _runtime
-from .errors import ConfigurationError
+from .errors import ConfigurationError, RotationConflictError
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -151,12 +152,26 @@ def _own_pool(engine: Engine) -> Engine:
     return own
 
 
+def _codes(exc: sa.exc.DBAPIError) -> tuple[str | None, object]:
+    """The driver's SQLSTATE (PostgreSQL) and error number (MySQL) of a failed statement."""
+    orig = exc.orig
+    args: tuple[object, ...] = tuple(getattr(orig, "args", ()))
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    return state, args[0] if args else None
+
+
 def _lock_timed_out(exc: sa.exc.DBAPIError) -> bool:
     """Whether a statement failed for :data:`LOCK_TIMEOUT` (PostgreSQL 55P03, MySQL 1205)."""
-    orig = exc.orig
-    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-    args = getattr(orig, "args", ())
-    return code == "55P03" or bool(args and args[0] == 1205)
+    state, number = _codes(exc)
+    return state == "55P03" or number == 1205
+
+
+def _conflicted(exc: sa.exc.DBAPIError) -> bool:
+    """Whether a transaction lost a race that a new try may win: a unique key taken
+    meanwhile, a deadlock or a serialization failure (PostgreSQL 40001 and 40P01,
+    MySQL 1213). A lock wait past :data:`LOCK_TIMEOUT` is no race: it is reported."""
+    state, number = _codes(exc)
+    return isinstance(exc, sa.exc.IntegrityError) or state in ("40001", "40P01") or number == 1213
 
 
 def _lock_timeout_sql(dialect: str) -> str | None:
@@ -239,8 +254,11 @@ def beginning(conn: Connection) -> Iterator[None]:
         held[slot] = entry
 
 
-#: How often a rotation that lost a race re-reads the active key before giving up.
-_ROTATE_ATTEMPTS = 10
+#: How often a rotation that lost a race tries again before giving up, and the longest
+#: pause (seconds) before a try: pauses double from 5 ms up to it, jittered so that
+#: racing writers spread out instead of meeting again.
+_ROTATE_ATTEMPTS = 30
+_ROTATE_BACKOFF = 0.2
 
 
 def _now() -> dt.datetime:
@@ -405,15 +423,27 @@ class Keyring:
         try:
             with self.begin() as conn:
                 return self._insert_active(conn, scope, wrapped, kms_key_id)
-        except sa.exc.IntegrityError:
+        except sa.exc.DBAPIError as exc:
+            if not _conflicted(exc):
+                raise
             return None
 
     def replace_active(
         self, scope: str, wrapped: bytes, kms_key_id: str
     ) -> tuple[KeyRow, int | None]:
-        """Retire the scope's active key (if any) and insert a new one, atomically."""
+        """Retire the scope's active key (if any) and insert a new one, atomically.
+
+        Concurrent rotations of the scope conflict (a unique ``active_scope`` taken
+        between our read and our insert, a deadlock on MySQL, a serialization failure):
+        each try is a new transaction with the same wrapped key, so no KMS call is
+        repeated. Raises :class:`RotationConflictError` when every try lost.
+        """
         t = self.table
+        lost: sa.exc.DBAPIError | None = None
         for attempt in range(_ROTATE_ATTEMPTS):
+            if attempt:
+                pause = min(_ROTATE_BACKOFF, 0.005 * 2**attempt)
+                _runtime.sleep(random.uniform(0, pause))  # noqa: S311 - jitter, not a secret
             try:
                 with self.begin() as conn:
                     old = conn.execute(
@@ -426,13 +456,16 @@ class Keyring:
                             .values(state=RETIRED, active_scope=None, retired_at=_now())
                         )
                     return self._insert_active(conn, scope, wrapped, kms_key_id), old
-            except sa.exc.IntegrityError:
-                # A concurrent rotation (or first key) made its key active between our
-                # read and our insert (Postgres re-checks a row it waited for, finds it
-                # retired, and returns none): read again and retire that one.
-                if attempt == _ROTATE_ATTEMPTS - 1:
+            except sa.exc.DBAPIError as exc:
+                # E.g. Postgres re-checks the row it waited for, finds it retired by the
+                # rotation that held it, and returns none: our insert then collides.
+                if not _conflicted(exc):
                     raise
-        raise AssertionError("unreachable")
+                lost = exc
+        raise RotationConflictError(
+            f"could not rotate scope {scope!r}: concurrent rotations of it conflicted with "
+            f"this one {_ROTATE_ATTEMPTS} times; nothing changed, rotate again"
+        ) from lost
 
     def _insert_active(
         self, conn: Connection, scope: str, wrapped: bytes, kms_key_id: str

@@ -19,7 +19,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from sqlalchemy_envelope import LocalKms, wire
+from sqlalchemy_envelope import LocalKms, RotationConflictError, keyring, wire
+from sqlalchemy_envelope.keyring import Keyring
 
 from .models import App, build
 
@@ -47,7 +48,7 @@ def close(app: App, engine: sa.Engine) -> None:
 
 def write_rows(app: App, engine: sa.Engine, worker: int) -> None:
     for i in range(ROWS_PER_WORKER):
-        row_id = worker * 100 + i
+        row_id = worker * 100 + i + 1  # never 0: MySQL would take it for "next id"
         with Session(engine) as s:
             s.add(app.Patient(id=row_id, name=f"name-{row_id}", email=f"{row_id}@x.org"))
             s.commit()
@@ -57,11 +58,8 @@ def check_all(app: App, engine: sa.Engine, workers: int) -> set[int]:
     """Every row reads back exactly; returns the key ids the values use."""
     with Session(engine) as s:
         rows = {p.id: (p.name, p.email) for p in s.scalars(sa.select(app.Patient))}
-    expected = {
-        w * 100 + i: (f"name-{w * 100 + i}", f"{w * 100 + i}@x.org")
-        for w in range(workers)
-        for i in range(ROWS_PER_WORKER)
-    }
+    ids = [w * 100 + i + 1 for w in range(workers) for i in range(ROWS_PER_WORKER)]
+    expected = {n: (f"name-{n}", f"{n}@x.org") for n in ids}
     assert rows == expected
     with engine.connect() as conn:
         stored = conn.execute(sa.text("SELECT name, email FROM patients")).all()
@@ -88,26 +86,60 @@ def test_first_use_from_eight_threads(db_url: str) -> None:
         close(app, engine)
 
 
-def test_concurrent_rotations_leave_one_active_key(db_url: str) -> None:
-    app, engine = setup_app(db_url, os.urandom(32), create=True)
+ROTATING_THREADS = 6
+ROTATIONS_PER_THREAD = 8
+
+
+def test_concurrent_rotations_leave_one_active_key(any_db_url: str) -> None:
+    """Rotations racing on one scope all succeed: a lost race, a deadlock (MySQL) or a
+    serialization failure is retried with the same wrapped key, never surfaced."""
+    app, engine = setup_app(any_db_url, os.urandom(32), create=True)
     try:
         write_rows(app, engine, 0)
-        barrier = threading.Barrier(4)
+        barrier = threading.Barrier(ROTATING_THREADS)
 
-        def rotate(_: int) -> int:
+        def rotate(_: int) -> list[int]:
             barrier.wait()
-            return app.envelope.rotate("patients")
+            return [app.envelope.rotate("patients") for _ in range(ROTATIONS_PER_THREAD)]
 
-        with ThreadPoolExecutor(4) as pool:
-            new_ids = set(pool.map(rotate, range(4)))
+        calls = app.envelope.stats.kms_calls
+        with ThreadPoolExecutor(ROTATING_THREADS) as pool:
+            new_ids = {i for ids in pool.map(rotate, range(ROTATING_THREADS)) for i in ids}
+        rotations = ROTATING_THREADS * ROTATIONS_PER_THREAD
+        assert app.envelope.stats.kms_calls - calls == rotations  # one GenerateDataKey each
         keys = app.envelope.keys("patients")
-        assert len(new_ids) == 4
+        assert len(new_ids) == rotations
         active = [k.id for k in keys if k.state == "active"]
         assert len(active) == 1 and active[0] in new_ids
-        assert len(keys) == 5  # the first key and four rotations, all kept
+        assert len(keys) == rotations + 1  # the first key and every rotation, all kept
         write_rows(app, engine, 1)
         used = check_all(app, engine, 2)
         assert used <= {k.id for k in keys}
+    finally:
+        close(app, engine)
+
+
+def test_a_rotation_that_loses_every_race_says_to_rotate_again(
+    any_db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app, engine = setup_app(any_db_url, os.urandom(32), create=True)
+    original = Keyring._insert_active
+
+    def colliding(self: Keyring, conn: sa.Connection, *args: Any) -> Any:
+        original(self, conn, *args)
+        return original(self, conn, *args)  # a second active key: the unique constraint refuses
+
+    try:
+        write_rows(app, engine, 0)
+        before = app.envelope.keys("patients")
+        monkeypatch.setattr(keyring, "_ROTATE_ATTEMPTS", 3)
+        monkeypatch.setattr(keyring, "_ROTATE_BACKOFF", 0.0)
+        monkeypatch.setattr(Keyring, "_insert_active", colliding)
+        calls = app.envelope.stats.kms_calls
+        with pytest.raises(RotationConflictError, match=r"'patients'.* 3 times; nothing changed"):
+            app.envelope.rotate("patients")
+        assert app.envelope.stats.kms_calls == calls + 1  # the tries reuse one wrapped key
+        assert app.envelope.keys("patients") == before
     finally:
         close(app, engine)
 
