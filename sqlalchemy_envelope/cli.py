@@ -37,7 +37,7 @@ import sqlalchemy as sa
 
 from . import __version__
 from .envelope import Envelope
-from .errors import ConfigurationError, EnvelopeError, KeyInUseError
+from .errors import ConfigurationError, EnvelopeError, KeyInUseError, RewrapError
 from .kms.base import KeyProvider
 
 ProgressFn = Callable[[int, int | None], None]
@@ -382,13 +382,21 @@ def keys_rewrap(ctx: click.Context, to: KmsSpec) -> None:
     """Re-wrap every data key under another KMS key; no encrypted row is touched.
 
     --kms must be able to unwrap the keys not yet under --to. Resumable: keys
-    already under --to are skipped.
+    already under --to are skipped. A key that cannot be moved does not stop the
+    others: each is named at the end, with exit status 1.
     """
     settings = _settings(ctx)
     envelope = settings.envelope()
     target = settings.provider(to, "--to")
-    with settings.progress_bar("re-wrapping", "keys") as progress:
-        moved = envelope.rewrap(target, progress=progress)
+    try:
+        with settings.progress_bar("re-wrapping", "keys") as progress:
+            moved = envelope.rewrap(target, progress=progress)
+    except RewrapError as exc:
+        click.echo(
+            f"re-wrapped {exc.moved} data key(s) under {to}; {len(exc.failed)} failed, "
+            f"{exc.remaining} left behind (created meanwhile); until none is, keep this --kms"
+        )
+        raise
     click.echo(f"re-wrapped {moved} data key(s) under {to}; from now on use --kms {to}")
 
 

@@ -62,6 +62,29 @@ class RotationConflictError(EnvelopeError):
     """
 
 
+class RewrapError(EnvelopeError):
+    """A re-wrap left data keys under another KMS key; those it moved stay moved.
+
+    ``moved`` counts the keys it moved, ``failed`` lists ``(key_id, scope, code)``
+    for each key the KMS would not move (``code`` is the provider's error code, or
+    None), ``remaining`` counts keys created while it ran that are still elsewhere.
+    The envelope keeps its KMS: run the re-wrap again once the cause is dealt with.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        moved: int,
+        failed: tuple[tuple[int, str, str | None], ...],
+        remaining: int,
+    ) -> None:
+        super().__init__(message)
+        self.moved = moved
+        self.failed = failed
+        self.remaining = remaining
+
+
 class TableBusyError(EnvelopeError):
     """A job's schema change could not lock its table without stalling the application.
 

@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING, NamedTuple
 import sqlalchemy as sa
 
 from . import _runtime, wire
-from .errors import ConfigurationError, KeyInUseError, KeyNotFoundError, KmsError
+from .errors import (
+    ConfigurationError,
+    KeyInUseError,
+    KeyNotFoundError,
+    KmsError,
+    RewrapError,
+)
 from .keyring import ACTIVE, DESTROYED, RETIRED, KeyRow
 from .keys import DataKey, KeyManager
 from .kms.base import KeyProvider, scope_context
@@ -151,45 +157,107 @@ def _owns(kms: KeyProvider, kms_key_id: str) -> bool | KmsError:
         return KmsError(f"{kms!r} could not tell which key it wraps under: {type(exc).__name__}")
 
 
+#: How often ``rewrap`` reads the keyring again for keys created while it ran (by
+#: processes still on the old KMS) before it reports them as left behind.
+_REWRAP_PASSES = 5
+#: How many keys the KMS would not move a re-wrap error names (all are logged).
+_LISTED = 10
+
+
 def rewrap(
     envelope: Envelope,
     kms: KeyProvider,
     *,
     progress: Callable[[int, int | None], None] | None = None,
 ) -> int:
-    """Re-wrap every live data key under ``kms``; resumable (keys already there are skipped)."""
+    """Re-wrap every live data key under ``kms``; resumable (keys already there are skipped).
+
+    A key the KMS will not move (its wrapped form altered, its CMK gone) does not
+    stop the others, so nobody can hold a migration back by damaging one row. The
+    keyring is read again after each pass, for keys created meanwhile. Returns how
+    many keys moved; raises :class:`RewrapError` if any key is left elsewhere, and
+    only once none is does the envelope switch to ``kms``.
+    """
     if not isinstance(kms, KeyProvider):
         raise TypeError(
             f"kms must be a KMS provider such as AwsKms or LocalKms, not {type(kms).__name__}"
         )
     manager = envelope._keys()
-    rows = [r for r in manager.keyring.rows() if r.wrapped_key is not None]
-    moved = 0
-    for done, row in enumerate(rows, 1):
-        assert row.wrapped_key is not None
-        if not manager.call_kms(kms.owns, row.kms_key_id):
-            wrapped, kms_key_id = manager.call_kms(
-                kms.rewrap_from,
-                manager.kms,
-                row.wrapped_key,
-                scope_context(row.scope),
-                row.kms_key_id,
-            )
-            if manager.keyring.set_wrapped(row.id, wrapped, kms_key_id, expect=row.wrapped_key):
-                moved += 1
-                log.info(
-                    "re-wrapped data key %d of scope %r under %s", row.id, row.scope, kms_key_id
-                )
-        if progress is not None:
-            progress(done, len(rows))
+    failed: dict[int, tuple[KeyRow, KmsError]] = {}
+    moved = done = 0
+    for _ in range(_REWRAP_PASSES):
+        left = _elsewhere(manager, kms)
+        todo = [r for r in left if r.id not in failed]
+        if not todo:
+            break
+        total = done + len(todo)
+        for row in todo:
+            try:
+                moved += _move(manager, kms, row)
+            except KmsError as exc:
+                failed[row.id] = (row, exc)
+                log.warning("re-wrap: data key %d of scope %r: %s", row.id, row.scope, exc)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+    else:
+        left = _elsewhere(manager, kms)
+    stuck = [failed[r.id] for r in left if r.id in failed]
+    if left:
+        raise _incomplete(kms, moved, stuck, len(left) - len(stuck))
     envelope.configure(kms=kms, engine=manager.keyring.app_engine)
-    log.info(
-        "re-wrap finished: %d of %d data keys moved; the envelope now uses %r",
-        moved,
-        len(rows),
-        kms,
-    )
+    log.info("re-wrap finished: %d data key(s) moved; the envelope now uses %r", moved, kms)
     return moved
+
+
+def _elsewhere(manager: KeyManager, kms: KeyProvider) -> list[KeyRow]:
+    """The live keys not under ``kms`` (``owns`` asked once per KMS key id)."""
+    rows = manager.keyring.rows(states=(ACTIVE, RETIRED))
+    owned = {k: manager.call_kms(kms.owns, k) for k in {r.kms_key_id for r in rows}}
+    return [r for r in rows if r.wrapped_key is not None and not owned[r.kms_key_id]]
+
+
+def _move(manager: KeyManager, kms: KeyProvider, row: KeyRow) -> int:
+    """Re-wrap one key: 1, or 0 when its row changed meanwhile (the next pass looks again)."""
+    assert row.wrapped_key is not None
+    wrapped, kms_key_id = manager.call_kms(
+        kms.rewrap_from, manager.kms, row.wrapped_key, scope_context(row.scope), row.kms_key_id
+    )
+    if not manager.keyring.set_wrapped(row.id, wrapped, kms_key_id, expect=row.wrapped_key):
+        return 0
+    log.info("re-wrapped data key %d of scope %r under %s", row.id, row.scope, kms_key_id)
+    return 1
+
+
+def _incomplete(
+    kms: KeyProvider, moved: int, stuck: list[tuple[KeyRow, KmsError]], remaining: int
+) -> RewrapError:
+    text = f"re-wrap under {kms!r} incomplete: {moved} data key(s) moved"
+    if stuck:
+        named = "; ".join(
+            f"key {row.id} of scope {row.scope!r} ({exc.code or 'no error code'})"
+            for row, exc in stuck[:_LISTED]
+        )
+        more = f"; {len(stuck) - _LISTED} more in the log" if len(stuck) > _LISTED else ""
+        text += (
+            f", {len(stuck)} failed: {named}{more}. A failure that passes (throttling, an "
+            "outage, a permission) needs only a rerun; a key the KMS cannot unwrap "
+            "(InvalidCiphertextException: its wrapped key was altered) is lost unless a "
+            "backup holds its keyring row intact: restore the row, or shred the key with "
+            "`keys destroy ID --force` (envelope.destroy(ID, force=True))"
+        )
+    if remaining:
+        text += (
+            f", {remaining} created or changed while it ran still under another KMS key: "
+            "give every process the new KMS first"
+        )
+    return RewrapError(
+        f"{text}. The envelope keeps its KMS until every key is moved; run rewrap again "
+        "to move what is left",
+        moved=moved,
+        failed=tuple((row.id, row.scope, exc.code) for row, exc in stuck),
+        remaining=remaining,
+    )
 
 
 def destroy(envelope: Envelope, key_id: int, *, force: bool = False) -> None:

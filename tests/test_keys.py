@@ -26,11 +26,16 @@ from sqlalchemy_envelope import (
     KeyNotFoundError,
     KmsError,
     LocalKms,
+    RewrapError,
+    lifecycle,
 )
 from sqlalchemy_envelope.cache import Cache, Stats
 from sqlalchemy_envelope.kms import GeneratedKey
 
 from .kms_fixtures import REGION, KmsBackend, aws_credentials  # noqa: F401
+
+from .kms_fixtures import *  # noqa: F403
+from .kms_fixtures import Cmk, KmsBackend
 
 
 def _schema(**options: float) -> tuple[Envelope, sa.Table]:
@@ -471,3 +476,95 @@ def test_a_listing_read_across_a_key_change_is_read_again(
     manager.keyring.rows = rows_while_rotating  # type: ignore[method-assign]
     _, keys = manager.readable_keys("notes")
     assert sorted(k.id for _, k in keys) == [first, rotated[0]]
+
+
+# -- re-wrapping under another CMK (moto) ------------------------------------------------
+
+
+@pytest.fixture
+def on_aws(
+    pg_url: str, make_engine: Callable[..., sa.Engine], kms_backend: KmsBackend
+) -> tuple[Envelope, sa.Engine, Cmk, Cmk]:
+    """An envelope on Postgres under a first CMK (by alias), with keys in four scopes,
+    and a second CMK to move them to."""
+    old, new = kms_backend.create_cmk(), kms_backend.create_cmk()
+    engine = make_engine(pg_url)
+    envelope, table = _schema()
+    table.metadata.create_all(engine)
+    envelope.configure(kms=kms_backend.provider(old.alias), engine=engine)
+    for scope in ("notes", "b", "c", "d"):
+        envelope.rotate(scope)
+    return envelope, engine, old, new
+
+
+def _cmks(envelope: Envelope, *cmks: Cmk) -> dict[int, int]:
+    """Which of ``cmks`` (by position) each live key is under."""
+    arns = [c.arn for c in cmks]
+    return {k.id: arns.index(k.kms_key_id) for k in envelope.keys() if k.state != "destroyed"}
+
+
+def test_rewrap_moves_every_key_it_can_and_names_those_it_cannot(
+    on_aws: tuple[Envelope, sa.Engine, Cmk, Cmk], kms_backend: KmsBackend
+) -> None:
+    envelope, engine, old, new = on_aws
+    damaged = envelope.keys("b")[0].id
+    with engine.begin() as conn:
+        t = envelope.table
+        wrapped = conn.execute(sa.select(t.c.wrapped_key).where(t.c.id == damaged)).scalar_one()
+        flipped = wrapped[:-1] + bytes([wrapped[-1] ^ 1])  # one byte: the KMS refuses it
+        conn.execute(t.update().where(t.c.id == damaged).values(wrapped_key=flipped))
+    source, target = envelope.kms, kms_backend.provider(new.arn)
+    for moved in (3, 0):  # a rerun fails the same way, and moves nothing twice
+        with pytest.raises(RewrapError) as caught:
+            envelope.rewrap(target)
+        error = caught.value
+        assert (error.moved, error.remaining) == (moved, 0)
+        assert error.failed == ((damaged, "b", "InvalidCiphertextException"),)
+        assert f"key {damaged} of scope 'b' (InvalidCiphertextException)" in str(error)
+        assert "keys destroy ID" in str(error) and f"{moved} data key(s) moved" in str(error)
+        assert {i: c for i, c in _cmks(envelope, old, new).items() if i != damaged} == {
+            k.id: 1 for k in envelope.keys() if k.id != damaged
+        }
+        assert envelope.kms is source  # not every key is under the new CMK yet
+    envelope.destroy(damaged, force=True)
+    assert envelope.rewrap(target) == 0
+    assert envelope.kms is target and set(_cmks(envelope, old, new).values()) == {1}
+
+
+class _RotatingMeanwhile:
+    """The target KMS, while another process still on the old KMS rotates "notes"
+    during each of the first ``times`` re-wraps."""
+
+    def __init__(self, inner: Any, other: Envelope, times: int) -> None:
+        self.inner, self.other, self.times = inner, other, times
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def rewrap_from(self, source: Any, *args: Any) -> tuple[bytes, str]:
+        if self.times:
+            self.times -= 1
+            self.other.rotate("notes")
+        return self.inner.rewrap_from(source, *args)  # type: ignore[no-any-return]
+
+
+def test_rewrap_also_moves_keys_created_while_it_ran(
+    on_aws: tuple[Envelope, sa.Engine, Cmk, Cmk],
+    kms_backend: KmsBackend,
+    make_engine: Callable[..., sa.Engine],
+    pg_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    envelope, _, old, new = on_aws
+    other, _ = _schema()
+    other.configure(kms=kms_backend.provider(old.arn), engine=make_engine(pg_url))
+    target = _RotatingMeanwhile(kms_backend.provider(new.arn), other, times=2)
+    assert envelope.rewrap(target) == 4 + 2  # type: ignore[arg-type]
+    assert set(_cmks(envelope, old, new).values()) == {1}
+
+    # A process that never stops rotating with the old KMS: reported, not hidden.
+    monkeypatch.setattr(lifecycle, "_REWRAP_PASSES", 2)
+    other.rotate("notes")
+    with pytest.raises(RewrapError, match=r"1 created or changed while it ran") as e:
+        envelope.rewrap(_RotatingMeanwhile(kms_backend.provider(new.arn), other, times=3))
+    assert (e.value.moved, e.value.failed, e.value.remaining) == (2, (), 1)
