@@ -183,6 +183,9 @@ def rewrap(
             f"kms must be a KMS provider such as AwsKms or LocalKms, not {type(kms).__name__}"
         )
     manager = envelope._keys()
+    refresh = getattr(kms, "refresh", None)
+    if callable(refresh):
+        refresh()  # an alias may name another CMK since the provider last asked
     failed: dict[int, tuple[KeyRow, KmsError]] = {}
     moved = done = 0
     for _ in range(_REWRAP_PASSES):

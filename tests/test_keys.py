@@ -568,3 +568,13 @@ def test_rewrap_also_moves_keys_created_while_it_ran(
     with pytest.raises(RewrapError, match=r"1 created or changed while it ran") as e:
         envelope.rewrap(_RotatingMeanwhile(kms_backend.provider(new.arn), other, times=3))
     assert (e.value.moved, e.value.failed, e.value.remaining) == (2, (), 1)
+
+
+def test_rewrap_follows_an_alias_moved_to_another_cmk(
+    on_aws: tuple[Envelope, sa.Engine, Cmk, Cmk], kms_backend: KmsBackend
+) -> None:
+    envelope, _, old, new = on_aws
+    assert envelope.kms.owns(old.arn)  # type: ignore[union-attr]  # the alias, resolved
+    kms_backend.client().update_alias(AliasName=old.alias, TargetKeyId=new.key_id)
+    assert envelope.rewrap(envelope.kms) == 4  # type: ignore[arg-type]
+    assert set(_cmks(envelope, old, new).values()) == {1}

@@ -158,6 +158,22 @@ def test_owns_resolves_an_alias_once(kms_backend: KmsBackend, aws_cmk: Cmk) -> N
     assert calls["DescribeKey"] == 1
 
 
+def test_refresh_follows_an_alias_to_its_new_cmk(kms_backend: KmsBackend, aws_cmk: Cmk) -> None:
+    client = kms_backend.client()
+    calls = count_calls(client)
+    kms = AwsKms(aws_cmk.alias, client=client)
+    assert kms.owns(aws_cmk.arn)
+    moved_to = kms_backend.create_cmk()
+    client.update_alias(AliasName=aws_cmk.alias, TargetKeyId=moved_to.key_id)
+    assert kms.owns(aws_cmk.arn)  # memoized: no call per owns()
+    kms.refresh()
+    assert kms.owns(moved_to.arn) and not kms.owns(aws_cmk.arn)
+    assert calls["DescribeKey"] == 2
+    by_arn = AwsKms(aws_cmk.arn, client=client)
+    by_arn.refresh()  # a key ARN names one CMK for good: nothing to ask
+    assert by_arn.owns(aws_cmk.arn) and calls["DescribeKey"] == 2
+
+
 def test_owns_with_a_bare_key_id(kms_backend: KmsBackend, aws_cmk: Cmk) -> None:
     assert kms_backend.provider(aws_cmk.key_id).owns(aws_cmk.arn)
 

@@ -142,19 +142,30 @@ class AwsKms:
     def owns(self, kms_key_id: str) -> bool:
         return kms_key_id == self._resolve_arn()
 
+    def refresh(self) -> None:
+        """Forget which CMK an alias names; the next :meth:`owns` asks KMS again.
+
+        ``update-alias`` may have moved the alias since: ``rewrap`` calls this first.
+        """
+        if not _is_key_arn(self._key_id):
+            with self._arn_lock:
+                self._arn = None
+
     # -- helpers ----------------------------------------------------------------------
 
     def _resolve_arn(self) -> str:
-        """This CMK's ARN: ``DescribeKey`` once, then memoized."""
-        if self._arn is None:
+        """This CMK's ARN: ``DescribeKey`` once, then memoized until :meth:`refresh`."""
+        arn = self._arn  # read once: refresh() may clear it meanwhile
+        if arn is None:
             with self._arn_lock:
-                if self._arn is None:
+                arn = self._arn
+                if arn is None:
                     response = self._call("DescribeKey", self._key_id, KeyId=self._key_id)
                     metadata = response.get("KeyMetadata")
                     if not isinstance(metadata, dict):
                         _malformed("DescribeKey", "KeyMetadata")
-                    self._arn = _field(metadata, "Arn", str, "DescribeKey")
-        return self._arn
+                    arn = self._arn = _field(metadata, "Arn", str, "DescribeKey")
+        return arn
 
     def _same_endpoint(self, other: AwsKms) -> bool:
         mine, theirs = self._client.meta, other._client.meta
