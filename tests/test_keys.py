@@ -32,10 +32,8 @@ from sqlalchemy_envelope import (
 from sqlalchemy_envelope.cache import Cache, Stats
 from sqlalchemy_envelope.kms import GeneratedKey
 
-from .kms_fixtures import REGION, KmsBackend, aws_credentials  # noqa: F401
-
 from .kms_fixtures import *  # noqa: F403
-from .kms_fixtures import Cmk, KmsBackend
+from .kms_fixtures import REGION, Cmk, KmsBackend, aws_credentials  # noqa: F401
 
 
 def _schema(**options: float) -> tuple[Envelope, sa.Table]:
