@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import logging
 import os
 import random
 import signal
@@ -1206,3 +1207,61 @@ def test_encrypting_again_in_the_other_mode_is_refused_and_reencrypt_changes_it(
     assert encrypt_column(envelope, engine, "ids", "ssn", deterministic).already_done
     with engine.connect() as conn:
         assert conn.execute(sa.select(ids.c.id).where(ids.c.ssn == "078-05-0007")).scalar() == 7
+
+
+@pytest.mark.parametrize("when", ["while filling", "after a decrypt"])
+def test_ciphertext_written_by_new_code_before_the_swap_is_kept_not_encrypted_again(
+    db_url: str,
+    make_engine: Callable[..., sa.Engine],
+    local_kms: LocalKms,
+    when: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Code declaring the column Encrypted, deployed too early, writes ciphertext into the
+    plaintext column (PostgreSQL stores its text form, SQLite a blob): the conversion
+    recognises the column's own ciphertext and copies it, so it reads back as written."""
+    engine = make_engine(db_url)
+    envelope = Envelope(sa.MetaData())
+    metadata: Any = envelope.metadata
+    new = sa.Table(
+        "accounts",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("email", Encrypted(sa.String(200), envelope)),
+    )
+    envelope.configure(kms=local_kms, engine=engine)
+    envelope.table.create(engine)
+    old = sa.Table(
+        "accounts",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("email", sa.String(200)),
+    )
+    old.create(engine)
+    with engine.begin() as conn:
+        conn.execute(old.insert(), [{"id": i, "email": f"old-{i}@x.org"} for i in range(1, 41)])
+    target = Encrypted(sa.String(200))
+    if when == "while filling":
+
+        def stop(done: int, total: int | None) -> None:
+            raise Interrupted
+
+        with pytest.raises(Interrupted):
+            encrypt_column(
+                envelope, engine, "accounts", "email", target, batch_size=10, progress=stop
+            )
+    else:  # encrypted, decrypted, then written by code still declaring Encrypted
+        assert encrypt_column(envelope, engine, "accounts", "email", target).swapped
+        assert decrypt_column(envelope, engine, "accounts", "email", sa.String(200)).swapped
+    with engine.begin() as conn:  # the early code: updates (batches done and not) and inserts
+        for i in (2, 35):
+            conn.execute(new.update().where(new.c.id == i).values(email=f"new-{i}@x.org"))
+        conn.execute(new.insert().values(id=41, email="new-41@x.org"))
+    caplog.set_level(logging.WARNING, logger="sqlalchemy_envelope")
+
+    assert encrypt_column(envelope, engine, "accounts", "email", target).swapped
+    expected = {i: f"old-{i}@x.org" for i in range(1, 41)}
+    expected.update({2: "new-2@x.org", 35: "new-35@x.org", 41: "new-41@x.org"})
+    with engine.connect() as conn:
+        assert dict(conn.execute(sa.select(new.c.id, new.c.email)).all()) == expected  # type: ignore[arg-type]
+    assert "ciphertext already, written by code that declares it Encrypted" in caplog.text

@@ -56,6 +56,7 @@ from .batches import (
     sqlite_write_lock,
 )
 from .claims import SharedJob, jobs_table, jobs_table_name
+from .early import KeepingCiphertext
 from .locks import briefly_locking
 from .pages import lanes, walk
 from .reports import ColumnJobReport
@@ -207,7 +208,13 @@ class Conversion:
             src, dst = table.c[self.column], table.c[self.shadow]
             todo = (dst.is_(None), src.is_not(None))
             query = sa.select(*pk, sa.type_coerce(src, self.read)).where(*todo)
+            write: Callable[[Connection, list[Key], list[Any]], int]
             write = BatchWrite(conn.dialect, table, pk, dst, self.write, where=[dst.is_(None)])
+            if isinstance(self.write, Encrypted):  # see jobs.early
+                copy = BatchWrite(
+                    conn.dialect, table, pk, dst, sa.LargeBinary(), where=[dst.is_(None)]
+                )
+                write = KeepingCiphertext(write, copy, self.write.crypter(), where)
 
             def convert(c: Connection, rows: list[sa.Row[Any]]) -> None:
                 n = len(pk)
