@@ -187,6 +187,22 @@ class EncryptColumnOp(ColumnOp):
 
     diff_name = "encrypt_column"
 
+    def __init__(
+        self,
+        table_name: str,
+        column_name: str,
+        type_: Any = None,
+        *,
+        batch_size: int = 1000,
+        schema: str | None = None,
+        envelope: Envelope | None = None,
+        keep_ciphertext: bool = False,
+    ) -> None:
+        super().__init__(
+            table_name, column_name, type_, batch_size=batch_size, schema=schema, envelope=envelope
+        )
+        self.keep_ciphertext = keep_ciphertext
+
     @classmethod
     def encrypt_column(
         cls,
@@ -198,12 +214,14 @@ class EncryptColumnOp(ColumnOp):
         batch_size: int = 1000,
         schema: str | None = None,
         envelope: Envelope | None = None,
+        keep_ciphertext: bool = False,
     ) -> None:
         """Turn a plaintext column into ``type_`` (an ``Encrypted(...)``), in place.
 
         Commits the migration's transaction first, then once per batch of
         ``batch_size`` rows; rerun after an interruption, it finishes the job
         (no value lost, none encrypted twice). Refuses offline (--sql) mode.
+        ``keep_ciphertext``: see :func:`sqlalchemy_envelope.jobs.encrypt_column`.
         """
         if not isinstance(type_, Encrypted):
             raise TypeError("op.encrypt_column needs the target Encrypted(...) type")
@@ -215,6 +233,7 @@ class EncryptColumnOp(ColumnOp):
                 batch_size=batch_size,
                 schema=schema,
                 envelope=envelope,
+                keep_ciphertext=keep_ciphertext,
             )
         )
 
@@ -251,6 +270,9 @@ class DecryptColumnOp(ColumnOp):
             table_name, column_name, type_, batch_size=batch_size, schema=schema, envelope=envelope
         )
         self.scope = scope
+
+    def to_diff_tuple(self) -> tuple[Any, ...]:
+        return (*super().to_diff_tuple(), self.scope)
 
     @classmethod
     def decrypt_column(
@@ -329,7 +351,7 @@ def _encrypt_column(operations: Operations, op: EncryptColumnOp) -> None:
     with _batch_job(operations, "encrypt_column", op.envelope) as (envelope, engine):
         jobs.encrypt_column(
             envelope, engine, op.table_name, op.column_name, op.type_,
-            batch_size=op.batch_size, schema=op.schema,
+            batch_size=op.batch_size, schema=op.schema, keep_ciphertext=op.keep_ciphertext,
         )  # fmt: skip
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
-import logging
 import os
 import random
 import signal
@@ -1210,16 +1209,16 @@ def test_encrypting_again_in_the_other_mode_is_refused_and_reencrypt_changes_it(
 
 
 @pytest.mark.parametrize("when", ["while filling", "after a decrypt"])
-def test_ciphertext_written_by_new_code_before_the_swap_is_kept_not_encrypted_again(
+def test_ciphertext_found_in_the_plaintext_column_is_refused_or_kept_never_encrypted_again(
     db_url: str,
     make_engine: Callable[..., sa.Engine],
     local_kms: LocalKms,
     when: str,
-    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Code declaring the column Encrypted, deployed too early, writes ciphertext into the
-    plaintext column (PostgreSQL stores its text form, SQLite a blob): the conversion
-    recognises the column's own ciphertext and copies it, so it reads back as written."""
+    plaintext column (PostgreSQL stores its text form, SQLite a blob), and so does someone
+    copying another row's ciphertext from a dump through the old code. The job cannot
+    tell them apart: it refuses, naming the rows, unless told to keep them as they are."""
     engine = make_engine(db_url)
     envelope = Envelope(sa.MetaData())
     metadata: Any = envelope.metadata
@@ -1257,11 +1256,13 @@ def test_ciphertext_written_by_new_code_before_the_swap_is_kept_not_encrypted_ag
         for i in (2, 35):
             conn.execute(new.update().where(new.c.id == i).values(email=f"new-{i}@x.org"))
         conn.execute(new.insert().values(id=41, email="new-41@x.org"))
-    caplog.set_level(logging.WARNING, logger="sqlalchemy_envelope")
 
-    assert encrypt_column(envelope, engine, "accounts", "email", target).swapped
+    with pytest.raises(ConfigurationError, match=r"primary key (2, )?35, 41 hold this column's"):
+        encrypt_column(envelope, engine, "accounts", "email", target)
+    assert encrypt_column(
+        envelope, engine, "accounts", "email", target, keep_ciphertext=True
+    ).swapped
     expected = {i: f"old-{i}@x.org" for i in range(1, 41)}
     expected.update({2: "new-2@x.org", 35: "new-35@x.org", 41: "new-41@x.org"})
     with engine.connect() as conn:
         assert dict(conn.execute(sa.select(new.c.id, new.c.email)).all()) == expected  # type: ignore[arg-type]
-    assert "ciphertext already, written by code that declares it Encrypted" in caplog.text

@@ -56,7 +56,7 @@ from .batches import (
     sqlite_write_lock,
 )
 from .claims import SharedJob, jobs_table, jobs_table_name
-from .early import KeepingCiphertext
+from .early import EarlyCiphertext
 from .locks import briefly_locking
 from .pages import lanes, walk
 from .reports import ColumnJobReport
@@ -166,8 +166,10 @@ class Conversion:
         read: sa.types.TypeEngine[Any],
         write: sa.types.TypeEngine[Any],
         shadow_type: sa.types.TypeEngine[Any],
+        keep_ciphertext: bool = False,
     ) -> None:
         self.table, self.column, self.schema = table, column, schema
+        self.keep_ciphertext = keep_ciphertext
         self.encrypting = suffix == ENCRYPTING
         self.shadow = shadow_name(column, suffix)
         self.other = shadow_name(column, DECRYPTING if self.encrypting else ENCRYPTING)
@@ -214,7 +216,9 @@ class Conversion:
                 copy = BatchWrite(
                     conn.dialect, table, pk, dst, sa.LargeBinary(), where=[dst.is_(None)]
                 )
-                write = KeepingCiphertext(write, copy, self.write.crypter(), where)
+                write = EarlyCiphertext(
+                    write, copy, self.write.crypter(), where, keep=self.keep_ciphertext
+                )
 
             def convert(c: Connection, rows: list[sa.Row[Any]]) -> None:
                 n = len(pk)

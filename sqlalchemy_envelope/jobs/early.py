@@ -1,16 +1,19 @@
-"""Ciphertext written into a plaintext column before its encryption's swap.
+"""Ciphertext found in a plaintext column while it is being encrypted.
 
 Code that declares a column ``Encrypted`` while ``encrypt_column`` still fills
 the shadow (deployed before the swap) writes ciphertext into the plaintext
 column: PostgreSQL stores the bytes' text form (``\\x01...``, by an assignment
 cast), SQLite a blob; MySQL refuses the write. Encrypting such a value again
-would bury the plaintext under two layers. A value that authenticates as this
-column's ciphertext is its own encrypted form, so it is copied as it is.
+would bury the plaintext under two layers. Copying it as it is would be
+right for the application's own writes, but not for a value copied from
+another row by someone who can write plaintext through the old application
+and read the shadow column in a dump: the row would then decrypt to the other
+row's value. The two cannot be told apart, so such values stop the job,
+unless the operator, knowing only their own code wrote them, asks to keep them.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -18,21 +21,26 @@ from sqlalchemy.engine import Connection
 
 from .. import wire
 from ..crypter import ColumnCrypter
-from ..errors import EnvelopeError
+from ..errors import ConfigurationError, DecryptionError, KeyNotFoundError
 from .batches import Key
 from .writes import BatchWrite
 
-log = logging.getLogger("sqlalchemy_envelope")
+#: Primary keys named in the refusal, at most.
+LISTED = 5
 
 
 def ciphertext_of(crypter: ColumnCrypter) -> Callable[[Any], bytes | None]:
-    """``value -> its bytes`` for a value that is the column's ciphertext, else None."""
+    """``value -> its bytes`` for a value that is the column's ciphertext, else None.
+
+    A KMS failure propagates: a value it could not check is neither plaintext
+    nor ciphertext yet.
+    """
     text_prefix = f"\\x{wire.VERSION:02x}"  # PostgreSQL's text form of bytea
     version = bytes([wire.VERSION])
 
     def ciphertext(value: Any) -> bytes | None:
         if type(value) is str:
-            if not value.startswith(text_prefix):
+            if not value.startswith(text_prefix) or not value[2:].isalnum():
                 return None
             try:
                 raw = bytes.fromhex(value[2:])
@@ -48,34 +56,55 @@ def ciphertext_of(crypter: ColumnCrypter) -> Callable[[Any], bytes | None]:
             return None
         try:
             crypter.decrypt(raw)
-        except EnvelopeError:  # not this column's, or its key is gone: a plaintext value
+        except (DecryptionError, KeyNotFoundError):  # not this column's, or its key is gone
             return None
         return raw
 
     return ciphertext
 
 
-class KeepingCiphertext:
-    """A batch write that encrypts plaintext values and copies ciphertext ones as they are."""
+class EarlyCiphertext:
+    """A batch write that encrypts plaintext values and refuses (or, when told to keep
+    them, copies as they are) values that are the column's ciphertext already."""
 
     def __init__(
-        self, encrypt: BatchWrite, copy: BatchWrite, crypter: ColumnCrypter, where: str
+        self,
+        encrypt: BatchWrite,
+        copy: BatchWrite,
+        crypter: ColumnCrypter,
+        where: str,
+        *,
+        keep: bool,
     ) -> None:
-        self.encrypt, self.copy, self.where = encrypt, copy, where
+        self.encrypt, self.copy, self.where, self.keep = encrypt, copy, where, keep
         self.ciphertext = ciphertext_of(crypter)
+        self.algorithm = crypter.algorithm
 
     def __call__(self, conn: Connection, keys: list[Key], news: list[Any]) -> int:
         found = [self.ciphertext(v) for v in news]
         kept = [i for i, raw in enumerate(found) if raw is not None]
         if not kept:
             return self.encrypt(conn, keys, news)
-        log.warning(
-            "%s: %d value(s) were this column's ciphertext already, written by code that "
-            "declares it Encrypted before the swap: copied as they are, not encrypted again "
-            "(deploy such code at the swap)",
-            self.where,
-            len(kept),
-        )
+        if not self.keep or not all(self._same_mode(found[i]) for i in kept):
+            raise self._refusal([keys[i] for i in kept])
         plain = [i for i, raw in enumerate(found) if raw is None]
         written = self.encrypt(conn, [keys[i] for i in plain], [news[i] for i in plain])
         return written + self.copy(conn, [keys[i] for i in kept], [found[i] for i in kept])
+
+    def _same_mode(self, raw: bytes | None) -> bool:
+        header = None if raw is None else wire.parse_header(raw)
+        return header is not None and header[0] == self.algorithm
+
+    def _refusal(self, keys: list[Key]) -> ConfigurationError:
+        shown = [str(k[0]) if len(k) == 1 else str(k) for k in keys[:LISTED]]
+        named = ", ".join(shown) + (", ..." if len(keys) > LISTED else "")
+        return ConfigurationError(
+            f"{self.where}: rows with primary key {named} hold this column's ciphertext, not "
+            "plaintext: written by code declaring the column Encrypted before the swap, or "
+            "copied from another row. Encrypting them again would bury their values under "
+            "two layers, and copying them would let whoever copied them read the rows they "
+            "came from. Write those rows again through the old code (or set them to NULL) "
+            "and rerun; or, if only your own code can have written them, rerun with "
+            "keep_ciphertext=True (values in the other mode are refused even then). "
+            "Nothing was converted in this batch; the job resumes"
+        )

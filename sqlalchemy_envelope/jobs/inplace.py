@@ -38,6 +38,7 @@ def encrypt_column(
     distributed: bool = False,
     chunk_rows: int | None = None,
     lease: float = 120.0,
+    keep_ciphertext: bool = False,
 ) -> ColumnJobReport:
     """Encrypt an existing plaintext column in place, committing once per batch.
 
@@ -53,6 +54,12 @@ def encrypt_column(
     ``distributed=True`` shares the filling among several workers, and an
     Engine on PostgreSQL fills on two connections at once, as for
     :func:`sqlalchemy_envelope.jobs.reencrypt`.
+
+    A value that is already this column's ciphertext (written by code declaring
+    the column ``Encrypted`` before the swap, or copied from another row) stops
+    the job, naming its row: ``keep_ciphertext=True`` copies such values as
+    they are, for an operator who knows only their own code wrote them (see
+    :mod:`sqlalchemy_envelope.jobs.early`).
     """
     if not isinstance(type_, Encrypted):
         raise TypeError("encrypt_column needs the target Encrypted(...) type")
@@ -61,6 +68,7 @@ def encrypt_column(
     job = Conversion(
         table_name, column_name, schema, ENCRYPTING,
         read=bound.inner_type, write=bound, shadow_type=_Stored(bound),
+        keep_ciphertext=keep_ciphertext,
     )  # fmt: skip
     return job.run(
         envelope, bind, batch_size, progress, distributed, chunk_rows, lease,
