@@ -516,6 +516,106 @@ def test_a_run_that_finds_the_column_swapped_before_it_counts_is_done(
     assert read(engine, encrypted_view(table, envelope, ["s"])) == before
 
 
+def test_a_plan_does_not_outlive_the_shadow_it_was_made_for(
+    setup: tuple[Envelope, sa.Engine, sa.Table, list[tuple[Any, ...]]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Abandoned after a distributed run filled half its ranges, then a retry stopped right
+    after adding its new shadow: the next run must fill that shadow whole, not skip the
+    ranges the old plan marked done (their rows would be left to the swap's table lock)."""
+    envelope, engine, table, before = setup
+    options: dict[str, Any] = {"distributed": True, "chunk_rows": 40, "lease": 0.2}
+    type_ = Encrypted(sa.String(40))
+
+    def stop(done: int, total: int | None) -> None:
+        if done >= 120:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        encrypt_column(
+            envelope, engine, "records", "s", type_, batch_size=20, progress=stop, **options
+        )
+    assert abandon_conversion(engine, "records", "s") == ["s__envelope"]
+
+    def crash(*args: Any) -> int:
+        raise Interrupted
+
+    monkeypatch.setattr(conversion, "count", crash)  # the first step after ADD COLUMN
+    with pytest.raises(Interrupted):
+        encrypt_column(envelope, engine, "records", "s", type_, **options)
+    monkeypatch.undo()
+    assert "s__envelope" in columns(engine)
+
+    report = encrypt_column(envelope, engine, "records", "s", type_, batch_size=20, **options)
+    assert report.swapped
+    assert report.rows == len([r for r in before if r[2] is not None])  # all by the fill
+    assert read(engine, encrypted_view(table, envelope, ["s"])) == before
+
+
+def deadlock(dialect: str) -> sa.exc.OperationalError:
+    """The error a deadlock's victim gets, as the driver raises it."""
+    if dialect == "postgresql":
+        import psycopg
+
+        orig: Exception = psycopg.errors.DeadlockDetected("deadlock detected")
+    else:
+        import pymysql
+
+        orig = pymysql.err.OperationalError(1213, "Deadlock found when trying to get lock")
+    return sa.exc.OperationalError("UPDATE records ...", {}, orig)
+
+
+@pytest.mark.parametrize("distributed", [False, True], ids=["single", "distributed"])
+@pytest.mark.parametrize("url_fixture", ["pg_url", "mysql_url"])
+def test_a_deadlocked_run_resumes_by_itself(
+    url_fixture: str,
+    distributed: bool,
+    request: pytest.FixtureRequest,
+    make_engine: Callable[..., sa.Engine],
+    local_kms: LocalKms,
+) -> None:
+    engine = make_engine(request.getfixturevalue(url_fixture))
+    envelope = envelope_on(engine, local_kms)
+    table, before = make_table(engine)
+    raised: list[int] = []
+
+    def deadlocked_once(done: int, total: int | None) -> None:
+        if not raised:
+            raised.append(done)
+            raise deadlock(engine.dialect.name)
+
+    started = time.monotonic()
+    report = encrypt_column(
+        envelope, engine, "records", "s", Encrypted(sa.String(40)), batch_size=50,
+        progress=deadlocked_once, distributed=distributed, lease=60,
+    )  # fmt: skip
+    assert raised and report.swapped
+    assert time.monotonic() - started < 30  # its own range taken back, not waited for
+    assert read(engine, encrypted_view(table, envelope, ["s"])) == before
+
+
+def test_a_distributed_swap_finding_the_column_swapped_is_done(
+    setup: tuple[Envelope, sa.Engine, sa.Table, list[tuple[Any, ...]]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run without distributed=True swaps the column just before a distributed worker's
+    swap takes its lock: that worker finds the shadow gone, trigger and all. It is done."""
+    envelope, engine, table, before = setup
+    type_ = Encrypted(sa.String(40))
+    stop_after_a_batch(envelope, engine)
+    swap = conversion.swap
+
+    def other_run_first(*args: Any) -> None:
+        monkeypatch.setattr(conversion, "swap", swap)
+        assert encrypt_column(envelope, engine, "records", "s", type_).swapped
+        swap(*args)
+
+    monkeypatch.setattr(conversion, "swap", other_run_first)
+    report = encrypt_column(envelope, engine, "records", "s", type_, distributed=True)
+    assert report.already_done and not report.swapped
+    assert read(engine, encrypted_view(table, envelope, ["s"])) == before
+
+
 def test_a_failing_trigger_takes_its_shadow_back_at_once(
     setup: tuple[Envelope, sa.Engine, sa.Table, list[tuple[Any, ...]]],
     monkeypatch: pytest.MonkeyPatch,

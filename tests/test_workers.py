@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -10,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from sqlalchemy_envelope import Encrypted, Envelope, LocalKms, wire
-from sqlalchemy_envelope.jobs import encrypt_column, reencrypt, verify
+from sqlalchemy_envelope.jobs import claims, encrypt_column, reencrypt, verify
 
 ROWS = 1200
 
@@ -202,3 +207,46 @@ def test_a_rotation_in_between_gets_a_new_plan(
     newest = app.rotate("accounts")
     report = reencrypt(app, "accounts", batch_size=25, distributed=True, chunk_rows=100)
     assert report.rows == ROWS and stored_keys(engine) == {newest}
+
+
+def test_a_rerun_says_what_it_waits_for_and_takes_a_gone_process_range_at_once(
+    sqlite_url: str,
+    make_engine: Callable[..., sa.Engine],
+    local_kms: LocalKms,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    engine = make_engine(sqlite_url)
+    app = Envelope(sa.MetaData())
+    app.metadata.create_all(engine)  # type: ignore[union-attr]
+    app.configure(kms=local_kms, engine=engine)
+    populate(engine, app, encrypted=True)
+    options: dict[str, Any] = {"batch_size": 25, "distributed": True, "chunk_rows": 100}
+
+    def die(done: int, total: int | None) -> None:
+        if done >= 50:
+            raise Interrupted  # holds range 0
+
+    def interrupted_then_held_by(owner: str, seconds: float) -> None:
+        app.rotate("accounts")
+        with pytest.raises(Interrupted):
+            reencrypt(app, "accounts", progress=die, lease=60, **options)
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text("UPDATE envelope_data_keys_jobs SET owner = :o, lease_until = :u "
+                        "WHERE state = 'running'"),
+                {"o": owner, "u": int((time.time() + seconds) * 1000)},
+            )  # fmt: skip
+
+    # A worker of this machine that is still running (here: another thread): waited for.
+    interrupted_then_held_by(f"{claims._machine()}:{os.getpid()}:1:alive", 1.5)
+    with caplog.at_level(logging.INFO, logger="sqlalchemy_envelope"):
+        assert reencrypt(app, "accounts", lease=60, **options).rows == ROWS
+    assert "waiting for 1 range(s) held by other workers, at most" in caplog.text
+
+    # One whose process has ended: its range is taken over at once, not after its lease.
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    interrupted_then_held_by(f"{claims._machine()}:{ended.pid}:1:gone", 60)
+    started = time.monotonic()
+    assert reencrypt(app, "accounts", lease=60, **options).rows == ROWS
+    assert time.monotonic() - started < 30

@@ -7,7 +7,8 @@ race uses the winner's plan. Each worker then claims a pending range with a
 compare-and-set ``UPDATE`` (after ``SELECT ... FOR UPDATE SKIP LOCKED`` on
 PostgreSQL, so workers do not queue on each other's rows), works through it
 batch by batch, renews its lease after each batch and marks the range done.
-A range whose worker died is claimed again once its lease has run out. When
+A range whose worker died is claimed again once its lease has run out, or at
+once when that worker was a process of this host that is gone. When
 every range is done, one worker claims the plan's final step (the column swap
 of ``encrypt_column``, say) the same way, and marks the plan done. Every call
 returns only when the whole plan is done, so a rerun after a crash resumes
@@ -77,8 +78,38 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _machine() -> str:
+    """This host, with its PID namespace where it has one: containers that share a host
+    name (host networking) must not take each other's process ids for gone."""
+    try:
+        return f"{socket.gethostname()}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return socket.gethostname()
+
+
 def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}:{uuid.uuid4().hex[:6]}"
+    return f"{_machine()}:{os.getpid()}:{threading.get_ident()}:{uuid.uuid4().hex[:6]}"
+
+
+def _gone(owner: str | None) -> bool:
+    """Whether ``owner`` (a :func:`worker_id`) was a process of this machine that has ended."""
+    parts = (owner or "").rsplit(":", 3)  # machine, pid, thread, nonce
+    if len(parts) != 4 or parts[0] != _machine() or not parts[1].isdigit():
+        return False
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # another user's: running
+        return False
+    return False
+
+
+def forget(conn: Connection, jobs: sa.Table, job: str) -> None:
+    """Delete ``job``'s plan, if there is a jobs table (its finished ranges no longer apply)."""
+    with conn.begin():
+        if sa.inspect(conn).has_table(jobs.name, schema=jobs.schema):
+            conn.execute(jobs.delete().where(jobs.c.job == job))
 
 
 class SharedJob:
@@ -93,6 +124,7 @@ class SharedJob:
         chunk_rows: int,
         lease: float,
         poll: float | None = None,
+        owner: str | None = None,
     ) -> None:
         if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
             raise ValueError("chunk_rows must be a positive integer")
@@ -104,7 +136,8 @@ class SharedJob:
         self.chunk_rows = chunk_rows
         self.lease_ms = int(lease * 1000)
         self.poll = poll if poll is not None else min(1.0, lease / 4)
-        self.owner = worker_id()
+        self.owner = owner or worker_id()  # a retry of the same run keeps its claims
+        self.waiting: frozenset[int] = frozenset()  # the ranges last logged as held elsewhere
 
     def run(
         self,
@@ -112,18 +145,13 @@ class SharedJob:
         pk: list[sa.Column[Any]],
         work: Work,
         final: Callable[[Callable[[], None]], None],
-        *,
-        fresh: bool = False,
     ) -> None:
         """Work through claimed ranges until the whole plan, final step included, is done.
 
         ``final(renew)`` should call ``renew()`` while it waits (its lease runs
-        out otherwise). ``fresh``: an earlier plan of this job no longer
-        applies (its work was undone).
+        out otherwise).
         """
         self._create_table()
-        if fresh:
-            self._forget()
         self._plan(table, pk)
         while True:
             claimed = self._claim(final=False)
@@ -157,10 +185,6 @@ class SharedJob:
             with self.conn.begin():
                 if not sa.inspect(self.conn).has_table(self.jobs.name, schema=self.jobs.schema):
                     raise
-
-    def _forget(self) -> None:
-        with self.conn.begin():
-            self.conn.execute(self.jobs.delete().where(self.jobs.c.job == self.job))
 
     def _plan(self, table: sa.Table, pk: list[sa.Column[Any]]) -> None:
         j = self.jobs.c
@@ -198,21 +222,48 @@ class SharedJob:
             now = _now_ms()
             claimable = sa.or_(j.state == PENDING, sa.and_(j.state == RUNNING, j.lease_until < now))
             which = j.chunk == FINAL if final else j.chunk >= 0
-            stmt = sa.select(j.chunk, j.lo, j.hi).where(j.job == self.job, which, claimable)
-            stmt = stmt.order_by(j.chunk).limit(1)
+            stmt = sa.select(j.chunk, j.lo, j.hi, j.owner).where(j.job == self.job, which)
+            stmt = stmt.where(claimable).order_by(j.chunk).limit(1)
             if self.conn.dialect.name == "postgresql":
                 stmt = stmt.with_for_update(skip_locked=True)
             with self.conn.begin():
                 row = self.conn.execute(stmt).first()
                 if row is None:
+                    row = self._orphan(which, now)
+                if row is None:
                     return None
+                unchanged = sa.and_(j.state == RUNNING, j.owner == row.owner)
                 won = self.conn.execute(
                     self.jobs.update()
-                    .where(j.job == self.job, j.chunk == row.chunk, claimable)
+                    .where(j.job == self.job, j.chunk == row.chunk, sa.or_(claimable, unchanged))
                     .values(state=RUNNING, owner=self.owner, lease_until=now + self.lease_ms)
                 ).rowcount
             if won == 1:
+                self.waiting = frozenset()
                 return row.chunk, load_key(row.lo), load_key(row.hi)
+
+    def _orphan(self, which: sa.ColumnElement[bool], now: int) -> Any:
+        """A running range whose worker is gone: this one before a retry, or a process of
+        this machine that has ended (claimed at once). Else log what we wait for, once."""
+        j = self.jobs.c
+        held = self.conn.execute(
+            sa.select(j.chunk, j.lo, j.hi, j.owner, j.lease_until)
+            .where(j.job == self.job, which, j.state == RUNNING)
+            .order_by(j.chunk)
+        ).all()
+        for row in held:
+            if row.owner == self.owner or _gone(row.owner):
+                return row
+        chunks = frozenset(row.chunk for row in held)
+        if chunks and chunks != self.waiting:
+            wait = max(0, max(row.lease_until or now for row in held) - now) / 1000
+            log.info(
+                "job %r: waiting for %d range(s) held by other workers, at most %.0f s "
+                "(until they finish, or their leases run out if they died)",
+                self.job, len(chunks), wait,
+            )  # fmt: skip
+        self.waiting = chunks
+        return None
 
     def _renew(self, chunk: int, *, strict: bool = False) -> None:
         """Extend our lease on ``chunk``; ``strict``: raise if another worker took it over."""

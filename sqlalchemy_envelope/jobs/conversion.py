@@ -27,6 +27,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import random
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
@@ -55,7 +57,7 @@ from .batches import (
     primary_key,
     sqlite_write_lock,
 )
-from .claims import SharedJob, jobs_table, jobs_table_name
+from .claims import SharedJob, forget, job_name, jobs_table, jobs_table_name, worker_id
 from .early import EarlyCiphertext
 from .locks import briefly_locking
 from .pages import lanes, walk
@@ -70,6 +72,16 @@ log = logging.getLogger("sqlalchemy_envelope")
 
 ENCRYPTING, DECRYPTING = "__envelope", "__envelope_plain"
 MAX_NAME = 63  # PostgreSQL's identifier limit (MySQL's is 64)
+DEADLOCK_TRIES = 5  # runs in all when simultaneous workers deadlock each other
+
+
+def _deadlocked(exc: sa.exc.DBAPIError) -> bool:
+    """Whether the database chose this transaction as a deadlock's victim (PostgreSQL 40P01,
+    MySQL 1213: with simultaneous workers, DDL and row locks meet in either order)."""
+    orig = exc.orig
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    args: tuple[Any, ...] = tuple(getattr(orig, "args", ()))
+    return state == "40P01" or (bool(args) and args[0] == 1213)
 
 
 def _refuse_null_keys(conn: Connection, table: sa.Table, pk: list[sa.Column[Any]]) -> None:
@@ -175,6 +187,7 @@ class Conversion:
         self.other = shadow_name(column, DECRYPTING if self.encrypting else ENCRYPTING)
         self.read, self.write, self.shadow_type = read, write, shadow_type
         self.verb = "encrypt_column" if self.encrypting else "decrypt_column"
+        self.job = job_name(f"{self.verb} {table}.{column}")  # its plan, when distributed
 
     def run(
         self,
@@ -189,10 +202,43 @@ class Conversion:
     ) -> ColumnJobReport:
         batch_size = check_batch_size(batch_size)
         report = ColumnJobReport(self.table, self.column)
+        owner = worker_id()  # kept by a retry, which takes its own claims back at once
+        tries = 1
+        while True:
+            try:
+                return self._run(
+                    envelope, bind, batch_size, progress, distributed, chunk_rows, lease, warm,
+                    report, owner,
+                )  # fmt: skip
+            except sa.exc.DBAPIError as exc:
+                if tries == DEADLOCK_TRIES or not _deadlocked(exc):
+                    raise
+            tries += 1
+            # Every step is resumable: run again from where the deadlock's victim stopped.
+            log.warning(
+                "%s %s.%s: deadlocked with another transaction; resuming (try %d of %d)",
+                self.verb, self.table, self.column, tries, DEADLOCK_TRIES,
+            )  # fmt: skip
+            time.sleep(random.uniform(0.1, 0.5) * tries)  # noqa: S311 - jitter, not a secret
+
+    def _run(
+        self,
+        envelope: Envelope,
+        bind: Engine | Connection,
+        batch_size: int,
+        progress: Progress | None,
+        distributed: bool,
+        chunk_rows: int | None,
+        lease: float,
+        warm: Callable[[], None] | None,
+        report: ColumnJobReport,
+        owner: str,
+    ) -> ColumnJobReport:
         where = f"{self.table}.{self.column}"
+        jobs = jobs_table(jobs_table_name(envelope), self.schema)
         with connect(bind) as conn, lanes(bind) as more:
             self._check_keys(conn)  # before any DDL
-            state = self._prepare(conn)
+            state = self._prepare(conn, jobs)
             table = self._reflect(conn)
             if state != "done" and self.shadow not in table.c:  # swapped by another worker?
                 state = self._state(conn)
@@ -276,16 +322,15 @@ class Conversion:
                 log.info("%s %s: %d rows to convert, into %s", self.verb, where, total, self.shadow)
                 ticker = Ticker(self.verb, where, total)
                 if distributed:
-                    jobs = jobs_table(jobs_table_name(envelope), self.schema)
                     shared = SharedJob(
                         conn,
                         jobs,
-                        f"{self.verb} {where}",
+                        self.job,
                         chunk_rows=chunk_rows or 10 * batch_size,
                         lease=lease,
+                        owner=owner,
                     )
-                    # A new shadow column: any earlier plan's finished ranges are void.
-                    shared.run(table, pk, work, final, fresh=state == "added")
+                    shared.run(table, pk, work, final)
                 else:
                     work(None, None, lambda: None)
                     final(lambda: None)
@@ -293,12 +338,9 @@ class Conversion:
                 failure = exc
             # Decided outside the handler: nothing raised now chains the failure along.
             if failure is not None:
-                # A statement naming a column another run swapped away; for a single run
-                # also a refusal that found the job finished (a distributed worker's own
-                # refusals, a lease it outwaited, say, are its to report).
-                elsewhere = (
-                    sa.exc.DBAPIError if distributed else (sa.exc.DBAPIError, ConfigurationError)
-                )
+                # A statement naming a column another run swapped away, or a refusal that
+                # found the job finished (a shadow whose trigger that swap dropped, say).
+                elsewhere = (sa.exc.DBAPIError, ConfigurationError)
                 if isinstance(failure, elsewhere) and self._finished_elsewhere(conn):
                     log.info("%s %s: another run finished the conversion", self.verb, where)
                     report.already_done = True
@@ -387,12 +429,12 @@ class Conversion:
         encrypted = self._holds_ciphertext(conn, columns[self.column])
         return "done" if encrypted == self.encrypting else "start"
 
-    def _prepare(self, conn: Connection) -> str:
+    def _prepare(self, conn: Connection, jobs: sa.Table) -> str:
         """Add the shadow column if needed: "added", "filling" or (nothing to do) "done"."""
         with _serialized(conn, f"{self.table}.{self.column}"):
-            return self._prepare_now(conn)
+            return self._prepare_now(conn, jobs)
 
-    def _prepare_now(self, conn: Connection) -> str:
+    def _prepare_now(self, conn: Connection, jobs: sa.Table) -> str:
         state = self._state(conn)
         if self.other in self._columns(conn):
             # Left by an interrupted conversion the other way, never swapped in.
@@ -409,6 +451,10 @@ class Conversion:
             state = self._untrusted(conn)
         if state != "start":
             return state
+        # Before the shadow exists, so no crash leaves it beside the plan of an earlier one
+        # (abandoned, or dropped above), whose ranges marked done it lacks: a distributed
+        # run would skip them and convert their rows under the swap's table lock.
+        forget(conn, jobs, self.job)
         spec = CreateColumn(sa.Column(self.shadow, self.shadow_type, nullable=True))
         added = False
 
@@ -435,7 +481,7 @@ class Conversion:
                 raise
             if self._state(conn) != "filling":  # not another worker's concurrent add
                 raise
-            return self._prepare_now(conn)  # theirs: resume it (ADD is not tried again)
+            return self._prepare_now(conn, jobs)  # theirs: resume it (ADD is not tried again)
         return "added"
 
     def _has_trigger(self, conn: Connection) -> bool:
