@@ -323,17 +323,18 @@ def test_rows_inserted_during_the_fill_are_converted(
     setup: tuple[Envelope, sa.Engine, sa.Table, list[tuple[Any, ...]]],
 ) -> None:
     envelope, engine, table, _ = setup
-    late = {"id": ROWS + 1, "code": "late", "s": "written during the job"}
+    late = [{"id": ROWS + i, "code": f"late {i}", "s": "written during the job"} for i in (1, 2)]
+    late += [{"id": ROWS + i, "code": f"late {i}", "s": "more"} for i in range(3, 40)]
 
-    inserted: list[bool] = []
+    reported: list[tuple[int, int | None]] = []
 
     def insert_once(done: int, total: int | None) -> None:
-        if not inserted:  # after the first batch
-            inserted.append(True)
+        if not reported:  # after the first batch
             with engine.begin() as conn:
                 conn.execute(
                     sa.text("INSERT INTO records (id, code, s) VALUES (:id, :code, :s)"), late
                 )
+        reported.append((done, total))
 
     encrypt_column(
         envelope,
@@ -347,8 +348,11 @@ def test_rows_inserted_during_the_fill_are_converted(
     view = encrypted_view(table, envelope, ["s"])
     with engine.connect() as conn:
         assert (
-            conn.execute(sa.select(view.c.s).where(view.c.id == ROWS + 1)).scalar_one() == late["s"]
+            conn.execute(sa.select(view.c.s).where(view.c.id == ROWS + 1)).scalar_one()
+            == late[0]["s"]
         )
+    # The rows inserted meanwhile count in the total too: progress never passes it.
+    assert all(total is not None and done <= total for done, total in reported), reported
 
 
 def test_updates_during_the_fill_are_kept(

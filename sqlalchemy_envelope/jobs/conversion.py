@@ -287,8 +287,10 @@ class Conversion:
                 ):  # fmt: skip
                     report.rows += rows
                     renew()
+                    # Rows inserted meanwhile are converted too: the total grows with them.
+                    ticker.total = max(ticker.total or 0, report.rows)
                     if progress is not None:
-                        progress(report.rows, total)
+                        progress(report.rows, ticker.total)
                     ticker.tick(report.rows)
 
             def rest() -> int:
