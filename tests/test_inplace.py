@@ -1370,3 +1370,29 @@ def test_ciphertext_found_in_the_plaintext_column_is_refused_or_kept_never_encry
     expected.update({2: "new-2@x.org", 35: "new-35@x.org", 41: "new-41@x.org"})
     with engine.connect() as conn:
         assert dict(conn.execute(sa.select(new.c.id, new.c.email)).all()) == expected  # type: ignore[arg-type]
+
+
+def test_decrypting_a_column_of_another_scope_beside_other_values_is_refused_not_done(
+    db_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    """One value not ours (x'00') beside another scope's ciphertext: still refused, as a
+    column of that scope's values alone is; "already done" would leave the ciphertext."""
+    engine = make_engine(db_url)
+    envelope = Envelope(sa.MetaData())
+    metadata: Any = envelope.metadata
+    notes = sa.Table(
+        "notes",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("body", Encrypted(sa.String(40), envelope, scope="dates")),
+    )
+    envelope.configure(kms=local_kms, engine=engine)
+    metadata.create_all(engine)
+    raw = sa.table("notes", sa.column("id"), sa.column("body", sa.LargeBinary))
+    with engine.begin() as conn:
+        conn.execute(notes.insert(), [{"id": i, "body": f"note {i}"} for i in range(10)])
+        conn.execute(raw.update().where(raw.c.id == 0).values(body=b"\x00"))
+    undeclared = Envelope(sa.MetaData())
+    undeclared.configure(kms=local_kms, engine=engine)
+    with pytest.raises(ConfigurationError, match="scope 'dates', not 'notes'"):
+        decrypt_column(undeclared, engine, "notes", "body", sa.String(40))

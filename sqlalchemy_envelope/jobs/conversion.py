@@ -555,7 +555,9 @@ class Conversion:
                 if self.encrypting:
                     self._refuse_another_mode(wire.parse_header(value), crypter.algorithm)
                 return True
-        if scopes and not mixed:  # all ciphertext, of another scope: touch nothing
+        # All ciphertext of another scope: touch nothing. Decrypting, so is a column that
+        # also holds other values: "done" would leave that scope's ciphertext in it.
+        if scopes and (not mixed or not self.encrypting):
             named = ", ".join(map(repr, sorted(scopes)))
             raise ConfigurationError(
                 f"{self.table}.{self.column} holds values under keys of scope {named}, not "
