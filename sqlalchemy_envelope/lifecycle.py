@@ -172,11 +172,14 @@ def rewrap(
 ) -> int:
     """Re-wrap every live data key under ``kms``; resumable (keys already there are skipped).
 
-    A key the KMS will not move (its wrapped form altered, its CMK gone) does not
-    stop the others, so nobody can hold a migration back by damaging one row. The
-    keyring is read again after each pass, for keys created meanwhile. Returns how
-    many keys moved; raises :class:`RewrapError` if any key is left elsewhere, and
-    only once none is does the envelope switch to ``kms``.
+    Every key to move is first unwrapped under the current KMS: a key that does
+    not unwrap (its wrapped form altered, its CMK gone) stops the re-wrap before
+    any key moves, as a keyring split between two master keys could lock out an
+    application that holds only one. A key that then fails to move (throttling,
+    an outage) does not stop the others. The keyring is read again after each
+    pass, for keys created meanwhile. Returns how many keys moved; raises
+    :class:`RewrapError` if any key is left elsewhere, and only once none is
+    does the envelope switch to ``kms``.
     """
     if not isinstance(kms, KeyProvider):
         raise TypeError(
@@ -186,7 +189,9 @@ def rewrap(
     refresh = getattr(kms, "refresh", None)
     if callable(refresh):
         refresh()  # an alias may name another CMK since the provider last asked
-    failed: dict[int, tuple[KeyRow, KmsError]] = {}
+    failed = _not_unwrapping(manager, _elsewhere(manager, kms))
+    if failed:
+        raise _incomplete(kms, 0, list(failed.values()), 0)
     moved = done = 0
     for _ in range(_REWRAP_PASSES):
         left = _elsewhere(manager, kms)
@@ -218,6 +223,21 @@ def _elsewhere(manager: KeyManager, kms: KeyProvider) -> list[KeyRow]:
     rows = manager.keyring.rows(states=(ACTIVE, RETIRED))
     owned = {k: manager.call_kms(kms.owns, k) for k in {r.kms_key_id for r in rows}}
     return [r for r in rows if r.wrapped_key is not None and not owned[r.kms_key_id]]
+
+
+def _not_unwrapping(manager: KeyManager, rows: list[KeyRow]) -> dict[int, tuple[KeyRow, KmsError]]:
+    """The keys among ``rows`` that the current KMS refuses to unwrap, with its refusal."""
+    refused: dict[int, tuple[KeyRow, KmsError]] = {}
+    for row in rows:
+        assert row.wrapped_key is not None
+        try:
+            manager.call_kms(
+                manager.kms.unwrap, row.wrapped_key, scope_context(row.scope), row.kms_key_id
+            )
+        except KmsError as exc:
+            refused[row.id] = (row, exc)
+            log.warning("re-wrap: data key %d of scope %r: %s", row.id, row.scope, exc)
+    return refused
 
 
 def _move(manager: KeyManager, kms: KeyProvider, row: KeyRow) -> int:
