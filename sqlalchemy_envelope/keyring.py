@@ -174,6 +174,16 @@ def _conflicted(exc: sa.exc.DBAPIError) -> bool:
     return isinstance(exc, sa.exc.IntegrityError) or state in ("40001", "40P01") or number == 1213
 
 
+def _tries() -> Iterator[int]:
+    """The tries of a transaction that may lose a race, a short random pause before each
+    retry (doubling up to ``_ROTATE_BACKOFF``), so racing writers fall out of step."""
+    for attempt in range(_ROTATE_ATTEMPTS):
+        if attempt:
+            pause = min(_ROTATE_BACKOFF, 0.005 * 2**attempt)
+            _runtime.sleep(random.uniform(0, pause))  # noqa: S311 - jitter, not a secret
+        yield attempt
+
+
 def _lock_timeout_sql(dialect: str) -> str | None:
     """The session setting that gives a connection :data:`LOCK_TIMEOUT`, where there is one."""
     if dialect == "postgresql":
@@ -419,14 +429,23 @@ class Keyring:
             return [self._row(r) for r in conn.execute(stmt)]
 
     def insert_active(self, scope: str, wrapped: bytes, kms_key_id: str) -> KeyRow | None:
-        """Insert the scope's active key; None when another writer's key won the race."""
-        try:
-            with self.begin() as conn:
-                return self._insert_active(conn, scope, wrapped, kms_key_id)
-        except sa.exc.DBAPIError as exc:
-            if not _conflicted(exc):
-                raise
-            return None
+        """Insert the scope's active key; None when another writer's key won the race
+        (a deadlock or a serialization failure is tried again, as for a rotation)."""
+        lost: sa.exc.DBAPIError | None = None
+        for _ in _tries():
+            try:
+                with self.begin() as conn:
+                    return self._insert_active(conn, scope, wrapped, kms_key_id)
+            except sa.exc.IntegrityError:
+                return None
+            except sa.exc.DBAPIError as exc:
+                if not _conflicted(exc):
+                    raise
+                lost = exc
+        raise RotationConflictError(
+            f"could not create the first data key of scope {scope!r}: concurrent writers "
+            f"conflicted with it {_ROTATE_ATTEMPTS} times; nothing changed, try again"
+        ) from lost
 
     def replace_active(
         self, scope: str, wrapped: bytes, kms_key_id: str
@@ -440,10 +459,7 @@ class Keyring:
         """
         t = self.table
         lost: sa.exc.DBAPIError | None = None
-        for attempt in range(_ROTATE_ATTEMPTS):
-            if attempt:
-                pause = min(_ROTATE_BACKOFF, 0.005 * 2**attempt)
-                _runtime.sleep(random.uniform(0, pause))  # noqa: S311 - jitter, not a secret
+        for _ in _tries():
             try:
                 with self.begin() as conn:
                     old = conn.execute(
