@@ -284,7 +284,7 @@ def _sample_stored(
     if envelope is None or context.connection is None:
         return Stored(values=True, ours=False)  # nothing to tell by: the author's change
     table = sa.table(table_name, sa.column(column), schema=schema)
-    return sample_column(context.connection, envelope.table, table, column)
+    return sample_column(context.connection, envelope, table, column)
 
 
 def _other_changes(op: ops.AlterColumnOp) -> bool:

@@ -413,10 +413,10 @@ def test_autogenerate_converts_binary_columns_by_their_values(
     engine: sa.Engine, migrate: Callable[..., Operations], local_kms: LocalKms
 ) -> None:
     """LargeBinary and Encrypted(LargeBinary) are the same column type in the database:
-    the values tell autogenerate whether the models' declaration changes them."""
-    blobs = [bytes([1, 1]) + bytes(10), b"\x00\xffpng", b"", None]  # one begins like ours
+    the values tell autogenerate whether the models' declaration changes them, and only
+    values that authenticate: a header forged into an upload does not."""
 
-    def files(encrypted: bool) -> tuple[sa.MetaData, sa.Table]:
+    def files(encrypted: bool) -> tuple[sa.MetaData, sa.Table, Envelope]:
         metadata = sa.MetaData()
         envelope = Envelope(metadata)
         envelope.configure(kms=local_kms, engine=engine)
@@ -426,13 +426,16 @@ def test_autogenerate_converts_binary_columns_by_their_values(
             sa.Column("id", sa.Integer, primary_key=True),
             sa.Column("body", body),
         )  # fmt: skip
-        return metadata, table
+        return metadata, table, envelope
 
-    plain_metadata, plain = files(encrypted=False)
+    plain_metadata, plain, plain_envelope = files(encrypted=False)
     plain_metadata.create_all(engine)
+    key = plain_envelope.rotate("files")
+    forged = wire.header(wire.RANDOMIZED, key) + bytes(40)  # names a real key of the scope
+    blobs = [bytes([1, 1]) + bytes(10), forged, b"\x00\xffpng", b"", None]
     with engine.begin() as conn:
         conn.execute(plain.insert(), [{"id": i, "body": b} for i, b in enumerate(blobs)])
-    metadata, encrypted = files(encrypted=True)
+    metadata, encrypted, _ = files(encrypted=True)
     _, upgrade, downgrade = autogenerate(engine, metadata)
     body = "sqlalchemy_envelope.Encrypted(sa.LargeBinary())"
     decrypt = "op.decrypt_column('files', 'body', sa.LargeBinary(), scope='files')"

@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection
 from .. import wire
 from ..column import Encrypted
 from ..crypter import ColumnCrypter
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, DecryptionError, KeyDestroyedError, KeyNotFoundError
 from .batches import primary_key
 
 if TYPE_CHECKING:
@@ -113,7 +113,8 @@ def resolve(
                 f"table {name!r} has no binary column, so none of its columns is encrypted "
                 "(to encrypt one, see encrypt_column)"
             )
-        wanted = [c for c, s in samples.items() if _looks_encrypted(s.heads, key_scopes)]
+        ours = {c: _ours(envelope, name, c, s, key_scopes) for c, s in samples.items()}
+        wanted = [c for c, heads in ours.items() if heads]
         if not wanted and any(s.values for s in samples.values()):
             raise ConfigurationError(
                 f"found no encrypted columns in table {name!r}; name them "
@@ -125,9 +126,13 @@ def resolve(
             )
         else:  # no binary value at all (an empty table): nothing encrypted to work on
             log.info("table %r: no encrypted values yet", name)
+    else:  # named or declared: the values tell only a named column's scope and mode
+        ours = {
+            c: _ours(envelope, name, c, samples[c], key_scopes) for c in wanted if c not in types
+        }
     crypters = {}
     for column in wanted:
-        heads = samples[column].heads
+        heads = ours.get(column, [])
         scope, deterministic = _mode(name, column, types, envelope, heads, key_scopes)
         crypters[column] = ColumnCrypter(
             envelope, name, column, scope=scope, deterministic=deterministic
@@ -196,43 +201,74 @@ class Stored:
 
 
 def sample_column(
-    conn: Connection, keyring: sa.Table, table: sa.TableClause, column: str
+    conn: Connection, envelope: Envelope, table: sa.TableClause, column: str
 ) -> Stored:
-    """Whether ``column`` holds values, and whether any are ours (headers naming keys of
-    ``keyring``, which may not exist: then none are), with their scope and mode."""
+    """Whether ``column`` holds values, and whether any are ours (see :func:`_ours`; the
+    keyring table may not exist: then none are), with their scope and mode."""
     sample = _sample(conn, table, column)
     if not sample.values:
         return Stored(values=False, ours=False)
+    keyring = envelope.table
     if not sa.inspect(conn).has_table(keyring.name, schema=keyring.schema):
         return Stored(values=True, ours=False)
     key_scopes = {
         key: scope for key, scope in conn.execute(sa.select(keyring.c.id, keyring.c.scope))
     }
-    if not _looks_encrypted(sample.heads, key_scopes):
+    heads = _ours(envelope, table.name, column, sample, key_scopes)
+    if not heads:
         return Stored(values=True, ours=False)
-    scope, deterministic = _stored_mode(table.name, sample.heads, key_scopes)
+    scope, deterministic = _stored_mode(table.name, heads, key_scopes)
     return Stored(values=True, ours=True, scope=scope, deterministic=deterministic)
 
 
 @dataclass(frozen=True)
 class _Sample:
     values: bool  # the column holds a value (not NULL)
-    heads: list[tuple[int, int]]  # (algorithm, key id) of a few values that carry our header
+    #: ``((algorithm, key id), value)`` of a few values that carry our header
+    found: list[tuple[tuple[int, int], bytes]]
 
 
 def _sample(conn: Connection, table: sa.TableClause, column: str) -> _Sample:
-    """Headers of a few stored values carrying ours, wherever they are in the column:
-    one encrypted value among plaintext ones (written by old code) still tells."""
+    """A few stored values carrying our header, wherever they are in the column: one
+    encrypted value among plaintext ones (written by old code) still tells."""
     col = sa.column(column, sa.LargeBinary)
     present = sa.select(col).select_from(table).where(col.is_not(None))
     looks_ours = sa.func.substr(col, 1, 1) == bytes([wire.VERSION])
-    found = conn.execute(present.where(looks_ours).limit(SAMPLE_SIZE)).scalars()
-    heads = [h for h in map(wire.parse_header, found) if h is not None]
-    return _Sample(bool(heads) or conn.execute(present.limit(1)).first() is not None, heads)
+    values = conn.execute(present.where(looks_ours).limit(SAMPLE_SIZE)).scalars()
+    found = [(h, bytes(v)) for v in values if (h := wire.parse_header(v)) is not None]
+    return _Sample(bool(found) or conn.execute(present.limit(1)).first() is not None, found)
 
 
-def _looks_encrypted(heads: list[tuple[int, int]], key_scopes: dict[int, str]) -> bool:
-    return any(key_id in key_scopes for _, key_id in heads)
+def _ours(
+    envelope: Envelope, table: str, column: str, sample: _Sample, key_scopes: dict[int, str]
+) -> list[tuple[int, int]]:
+    """Headers of the sampled values that are ours: they authenticate as this column's
+    under a key of the keyring (or name one shredded since), so bytes forged to look
+    like a header do not count. Without a KMS configured, a header naming a key of the
+    keyring is taken at its word."""
+    try:
+        _ = envelope.kms
+    except ConfigurationError:
+        return [h for h, _ in sample.found if h[1] in key_scopes]
+    crypters: dict[tuple[int, int], ColumnCrypter] = {}
+    ours = []
+    for (algorithm, key_id), value in sample.found:
+        if key_id not in key_scopes:
+            continue
+        mode = (algorithm, key_id)
+        if mode not in crypters:
+            crypters[mode] = ColumnCrypter(
+                envelope, table, column, scope=key_scopes[key_id],
+                deterministic=algorithm == wire.DETERMINISTIC,
+            )  # fmt: skip
+        try:
+            crypters[mode].decrypt(value)
+        except KeyDestroyedError:
+            pass  # shredded: ours, and unreadable (verify counts it)
+        except (DecryptionError, KeyNotFoundError):
+            continue
+        ours.append((algorithm, key_id))
+    return ours
 
 
 def _mode(
