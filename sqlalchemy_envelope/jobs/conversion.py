@@ -58,6 +58,7 @@ from .batches import (
     sqlite_write_lock,
 )
 from .claims import SharedJob, forget, job_name, jobs_table, jobs_table_name, worker_id
+from .discovery import header_like
 from .early import EarlyCiphertext
 from .locks import briefly_locking
 from .pages import lanes, walk
@@ -527,7 +528,7 @@ class Conversion:
             return False
         col = sa.column(self.column, sa.LargeBinary)
         table = sa.table(self.table, col, schema=self.schema)
-        looks_ours = sa.func.substr(col, 1, 1) == bytes([wire.VERSION])
+        looks_ours = header_like(col)
         with conn.begin():
             candidates = conn.execute(sa.select(col).select_from(table).where(looks_ours).limit(16))
             values = [v for v in candidates.scalars() if wire.parse_header(v) is not None]

@@ -221,6 +221,11 @@ def sample_column(
     return Stored(values=True, ours=True, scope=scope, deterministic=deterministic)
 
 
+def header_like(col: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
+    """SQL: whether a stored value begins like ours (a cheap filter before parsing)."""
+    return sa.func.substr(col, 1, 1) == bytes([wire.VERSION])
+
+
 @dataclass(frozen=True)
 class _Sample:
     values: bool  # the column holds a value (not NULL)
@@ -233,8 +238,7 @@ def _sample(conn: Connection, table: sa.TableClause, column: str) -> _Sample:
     encrypted value among plaintext ones (written by old code) still tells."""
     col = sa.column(column, sa.LargeBinary)
     present = sa.select(col).select_from(table).where(col.is_not(None))
-    looks_ours = sa.func.substr(col, 1, 1) == bytes([wire.VERSION])
-    values = conn.execute(present.where(looks_ours).limit(SAMPLE_SIZE)).scalars()
+    values = conn.execute(present.where(header_like(col)).limit(SAMPLE_SIZE)).scalars()
     found = [(h, bytes(v)) for v in values if (h := wire.parse_header(v)) is not None]
     return _Sample(bool(found) or conn.execute(present.limit(1)).first() is not None, found)
 
