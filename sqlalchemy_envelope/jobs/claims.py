@@ -45,6 +45,11 @@ FINAL = -1  # the chunk number of the plan's final step (and header row)
 Work = Callable[[Key | None, Key | None, Callable[[], None]], None]
 
 
+class LeaseLost(ConfigurationError):
+    """A worker waited past its lease and another took its work over: a longer lease
+    avoids it. Said even when the other worker has finished, so the lease gets fixed."""
+
+
 def jobs_table(name: str, schema: str | None = None) -> sa.Table:
     return sa.Table(
         name,
@@ -277,7 +282,7 @@ class SharedJob:
                 .values(lease_until=_now_ms() + self.lease_ms)
             ).rowcount
         if strict and renewed == 0:
-            raise ConfigurationError(
+            raise LeaseLost(
                 f"job {self.job!r}: worker {self.owner} waited past its lease of "
                 f"{self.lease_ms / 1000:g} s and another worker took over the final step; "
                 "a longer lease avoids this"

@@ -57,7 +57,7 @@ from .batches import (
     primary_key,
     sqlite_write_lock,
 )
-from .claims import SharedJob, forget, job_name, jobs_table, jobs_table_name, worker_id
+from .claims import LeaseLost, SharedJob, forget, job_name, jobs_table, jobs_table_name, worker_id
 from .discovery import header_like
 from .early import EarlyCiphertext
 from .locks import briefly_locking
@@ -344,7 +344,12 @@ class Conversion:
                 # A statement naming a column another run swapped away, or a refusal that
                 # found the job finished (a shadow whose trigger that swap dropped, say).
                 elsewhere = (sa.exc.DBAPIError, ConfigurationError)
-                if isinstance(failure, elsewhere) and self._finished_elsewhere(conn):
+                finished = (
+                    isinstance(failure, elsewhere)
+                    and not isinstance(failure, LeaseLost)
+                    and self._finished_elsewhere(conn)
+                )
+                if finished:
                     log.info("%s %s: another run finished the conversion", self.verb, where)
                     report.already_done = True
                 else:
