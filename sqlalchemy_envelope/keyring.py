@@ -26,6 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from . import _runtime
+from ._dberrors import lock_timed_out, lost_race
 from .errors import ConfigurationError, RotationConflictError
 
 if TYPE_CHECKING:
@@ -150,28 +151,6 @@ def _own_pool(engine: Engine) -> Engine:
             dbapi_connection.commit()  # a SET in a transaction rolled back is undone
 
     return own
-
-
-def _codes(exc: sa.exc.DBAPIError) -> tuple[str | None, object]:
-    """The driver's SQLSTATE (PostgreSQL) and error number (MySQL) of a failed statement."""
-    orig = exc.orig
-    args: tuple[object, ...] = tuple(getattr(orig, "args", ()))
-    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-    return state, args[0] if args else None
-
-
-def _lock_timed_out(exc: sa.exc.DBAPIError) -> bool:
-    """Whether a statement failed for :data:`LOCK_TIMEOUT` (PostgreSQL 55P03, MySQL 1205)."""
-    state, number = _codes(exc)
-    return state == "55P03" or number == 1205
-
-
-def _conflicted(exc: sa.exc.DBAPIError) -> bool:
-    """Whether a transaction lost a race that a new try may win: a unique key taken
-    meanwhile, a deadlock or a serialization failure (PostgreSQL 40001 and 40P01,
-    MySQL 1213). A lock wait past :data:`LOCK_TIMEOUT` is no race: it is reported."""
-    state, number = _codes(exc)
-    return isinstance(exc, sa.exc.IntegrityError) or state in ("40001", "40P01") or number == 1213
 
 
 def _tries() -> Iterator[int]:
@@ -350,7 +329,7 @@ class Keyring:
                 raise
             if own:
                 conn.rollback()
-                if _lock_timed_out(exc):
+                if lock_timed_out(exc):
                     raise self._locked() from exc
             if self._table_exists(conn):
                 raise
@@ -439,7 +418,7 @@ class Keyring:
             except sa.exc.IntegrityError:
                 return None
             except sa.exc.DBAPIError as exc:
-                if not _conflicted(exc):
+                if not lost_race(exc):
                     raise
                 lost = exc
         raise RotationConflictError(
@@ -475,7 +454,7 @@ class Keyring:
             except sa.exc.DBAPIError as exc:
                 # E.g. Postgres re-checks the row it waited for, finds it retired by the
                 # rotation that held it, and returns none: our insert then collides.
-                if not _conflicted(exc):
+                if not lost_race(exc):
                     raise
                 lost = exc
         raise RotationConflictError(

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import sqlalchemy as sa
 
 from . import _runtime, wire
+from ._dberrors import denied
 from .errors import (
     ConfigurationError,
     KeyInUseError,
@@ -374,23 +375,13 @@ def usage(
                         with conn.begin_nested():
                             n = conn.execute(stmt).scalar_one()
                     except sa.exc.DBAPIError as exc:
-                        if not _denied(exc):
+                        if not denied(exc):
                             raise
                         unsearched.append(f"{where}.{name}")
                         continue
                     if n:
                         counts[(where, name)] = n
     return Usage(counts, unsearched)
-
-
-def _denied(exc: sa.exc.DBAPIError) -> bool:
-    """A privilege error: PostgreSQL's SQLSTATE 42501, MySQL's 1142 and 1143."""
-    orig = exc.orig
-    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-    if code is not None:
-        return bool(code == "42501")
-    args: tuple[object, ...] = tuple(getattr(orig, "args", ()))
-    return bool(args) and args[0] in (1142, 1143)
 
 
 _KEYRING_COLUMNS = frozenset({"scope", "state", "wrapped_key", "kms_key_id"})

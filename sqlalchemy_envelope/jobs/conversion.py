@@ -38,6 +38,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.schema import CreateColumn
 
 from .. import wire
+from .._dberrors import deadlocked
 from ..column import Encrypted
 from ..errors import (
     ConfigurationError,
@@ -74,15 +75,6 @@ log = logging.getLogger("sqlalchemy_envelope")
 ENCRYPTING, DECRYPTING = "__envelope", "__envelope_plain"
 MAX_NAME = 63  # PostgreSQL's identifier limit (MySQL's is 64)
 DEADLOCK_TRIES = 5  # runs in all when simultaneous workers deadlock each other
-
-
-def _deadlocked(exc: sa.exc.DBAPIError) -> bool:
-    """Whether the database chose this transaction as a deadlock's victim (PostgreSQL 40P01,
-    MySQL 1213: with simultaneous workers, DDL and row locks meet in either order)."""
-    orig = exc.orig
-    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-    args: tuple[Any, ...] = tuple(getattr(orig, "args", ()))
-    return state == "40P01" or (bool(args) and args[0] == 1213)
 
 
 def _refuse_null_keys(conn: Connection, table: sa.Table, pk: list[sa.Column[Any]]) -> None:
@@ -212,7 +204,7 @@ class Conversion:
                     report, owner,
                 )  # fmt: skip
             except sa.exc.DBAPIError as exc:
-                if tries == DEADLOCK_TRIES or not _deadlocked(exc):
+                if tries == DEADLOCK_TRIES or not deadlocked(exc):
                     raise
             tries += 1
             # Every step is resumable: run again from where the deadlock's victim stopped.

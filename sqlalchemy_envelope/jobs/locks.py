@@ -18,11 +18,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from .._dberrors import lock_timed_out
 from ..errors import TableBusyError
 from .batches import log
 
@@ -33,8 +34,6 @@ LOCK_TIMEOUT = 2.0
 ATTEMPTS = 20
 FIRST_PAUSE, MAX_PAUSE = 1.0, 15.0
 
-_LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's SQLSTATE for a lock_timeout
-_MYSQL_LOCK_WAIT_TIMEOUT = 1205  # ER_LOCK_WAIT_TIMEOUT
 
 T = TypeVar("T")
 
@@ -75,7 +74,7 @@ def briefly_locking(
                     locked = True
                 return step()
         except sa.exc.OperationalError as exc:
-            if not _lock_timed_out(exc):
+            if not lock_timed_out(exc):
                 raise
             if locked and dialect == "mysql":
                 raise _busy(what, dialect, "its lock") from None
@@ -125,12 +124,3 @@ def _short_lock_waits(conn: Connection) -> Iterator[None]:
         except sa.exc.DBAPIError:
             conn.invalidate()
             raise
-
-
-def _lock_timed_out(exc: sa.exc.OperationalError) -> bool:
-    orig = exc.orig
-    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-    if code == _LOCK_NOT_AVAILABLE or "lock timeout" in str(orig):
-        return True
-    args: tuple[Any, ...] = getattr(orig, "args", ())  # PyMySQL, mysqlclient: (errno, message)
-    return bool(args) and args[0] == _MYSQL_LOCK_WAIT_TIMEOUT
