@@ -166,6 +166,8 @@ class ColumnOp(MigrateOperation):
         batch_size: int = 1000,
         schema: str | None = None,
         envelope: Envelope | None = None,
+        scope: str | None = None,
+        keep_ciphertext: bool = False,
     ) -> None:
         self.table_name = table_name
         self.column_name = column_name
@@ -173,6 +175,8 @@ class ColumnOp(MigrateOperation):
         self.batch_size = batch_size
         self.schema = schema
         self.envelope = envelope
+        self.scope = scope  # decrypt_column's
+        self.keep_ciphertext = keep_ciphertext  # encrypt_column's
 
     #: The operation's name in ``alembic check``'s list of changes.
     diff_name: ClassVar[str]
@@ -186,22 +190,6 @@ class EncryptColumnOp(ColumnOp):
     """Encrypt an existing plaintext column in place (see :func:`jobs.encrypt_column`)."""
 
     diff_name = "encrypt_column"
-
-    def __init__(
-        self,
-        table_name: str,
-        column_name: str,
-        type_: Any = None,
-        *,
-        batch_size: int = 1000,
-        schema: str | None = None,
-        envelope: Envelope | None = None,
-        keep_ciphertext: bool = False,
-    ) -> None:
-        super().__init__(
-            table_name, column_name, type_, batch_size=batch_size, schema=schema, envelope=envelope
-        )
-        self.keep_ciphertext = keep_ciphertext
 
     @classmethod
     def encrypt_column(
@@ -254,22 +242,6 @@ class DecryptColumnOp(ColumnOp):
     """Restore an encrypted column to plaintext in place (see :func:`jobs.decrypt_column`)."""
 
     diff_name = "decrypt_column"
-
-    def __init__(
-        self,
-        table_name: str,
-        column_name: str,
-        type_: Any = None,
-        *,
-        batch_size: int = 1000,
-        schema: str | None = None,
-        envelope: Envelope | None = None,
-        scope: str | None = None,
-    ) -> None:
-        super().__init__(
-            table_name, column_name, type_, batch_size=batch_size, schema=schema, envelope=envelope
-        )
-        self.scope = scope
 
     def to_diff_tuple(self) -> tuple[Any, ...]:
         return (*super().to_diff_tuple(), self.scope)
