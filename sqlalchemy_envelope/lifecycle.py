@@ -56,6 +56,7 @@ def rotate(envelope: Envelope, scope: str) -> int:
         raise ValueError("scope must be a non-empty string")
     manager = envelope._keys()
     rows = manager.keyring.rows(scope)
+    _refresh(manager.kms)
     _check_kms(manager, scope, rows)
     generated = manager.generate(scope)
     row, old = manager.keyring.replace_active(scope, generated.wrapped, generated.kms_key_id)
@@ -187,9 +188,7 @@ def rewrap(
             f"kms must be a KMS provider such as AwsKms or LocalKms, not {type(kms).__name__}"
         )
     manager = envelope._keys()
-    refresh = getattr(kms, "refresh", None)
-    if callable(refresh):
-        refresh()  # an alias may name another CMK since the provider last asked
+    _refresh(kms)
     failed = _not_unwrapping(manager, _elsewhere(manager, kms))
     if failed:
         raise _incomplete(kms, 0, list(failed.values()), 0)
@@ -217,6 +216,14 @@ def rewrap(
     envelope.configure(kms=kms, engine=manager.keyring.app_engine)
     log.info("re-wrap finished: %d data key(s) moved; the envelope now uses %r", moved, kms)
     return moved
+
+
+def _refresh(kms: KeyProvider) -> None:
+    """Before a lifecycle step that asks which CMK ``kms`` names: an alias may name
+    another since the provider last asked (AwsKms.refresh; one DescribeKey)."""
+    refresh = getattr(kms, "refresh", None)
+    if callable(refresh):
+        refresh()
 
 
 def _elsewhere(manager: KeyManager, kms: KeyProvider) -> list[KeyRow]:

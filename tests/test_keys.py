@@ -566,6 +566,22 @@ def test_rewrap_also_moves_keys_created_while_it_ran(
     assert (e.value.moved, e.value.failed, e.value.remaining) == (2, (), 1)
 
 
+def test_rotate_sees_an_alias_moved_to_another_cmk(
+    on_aws: tuple[Envelope, sa.Engine, Cmk, Cmk],
+    kms_backend: KmsBackend,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The new key goes under the CMK the alias names now; the rotation says so, since
+    the application must unwrap keys under both."""
+    envelope, _, old, new = on_aws
+    assert envelope.kms.owns(old.arn)  # type: ignore[union-attr]  # the alias, resolved
+    kms_backend.client().update_alias(AliasName=old.alias, TargetKeyId=new.key_id)
+    with caplog.at_level(logging.WARNING, logger="sqlalchemy_envelope"):
+        envelope.rotate("b")
+    assert "under another KMS key" in caplog.text
+    assert [k.kms_key_id for k in envelope.keys("b") if k.state == "active"] == [new.arn]
+
+
 def test_rewrap_follows_an_alias_moved_to_another_cmk(
     on_aws: tuple[Envelope, sa.Engine, Cmk, Cmk], kms_backend: KmsBackend
 ) -> None:
