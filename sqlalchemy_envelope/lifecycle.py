@@ -174,12 +174,16 @@ def rewrap(
 ) -> int:
     """Re-wrap every live data key under ``kms``; resumable (keys already there are skipped).
 
-    Every key to move is first unwrapped under the current KMS: a key that does
-    not unwrap (its wrapped form altered, its CMK gone) stops the re-wrap before
-    any key moves, as a keyring split between two master keys could lock out an
-    application that holds only one. A key that then fails to move (throttling,
-    an outage) does not stop the others. The keyring is read again after each
-    pass, for keys created meanwhile. Returns how many keys moved; raises
+    Where the keys move through this process (between providers, regions or
+    local master keys), every key to move is first unwrapped under the current
+    KMS: a key that does not unwrap (its wrapped form altered, its CMK gone)
+    stops the re-wrap before any key moves, as a keyring split between two
+    master keys would lock out an application that holds only one. Within one
+    AWS region (``ReEncrypt``, which needs no ``Decrypt`` permission) a process
+    on either CMK can unwrap both, so there is no such check. A key that fails
+    to move (throttling, an outage, a damaged row) does not stop the others.
+    The keyring is read again after each pass, for keys created meanwhile.
+    Returns how many keys moved; raises
     :class:`RewrapError` if any key is left elsewhere, and only once none is
     does the envelope switch to ``kms``.
     """
@@ -189,9 +193,12 @@ def rewrap(
         )
     manager = envelope._keys()
     _refresh(kms)
-    failed = _not_unwrapping(manager, _elsewhere(manager, kms))
-    if failed:
-        raise _incomplete(kms, 0, list(failed.values()), 0)
+    failed: dict[int, tuple[KeyRow, KmsError]] = {}
+    in_place = getattr(kms, "moves_in_place", None)
+    if not (callable(in_place) and in_place(manager.kms)):
+        failed = _not_unwrapping(manager, _elsewhere(manager, kms))
+        if failed:
+            raise _incomplete(kms, 0, list(failed.values()), 0)
     moved = done = 0
     for _ in range(_REWRAP_PASSES):
         left = _elsewhere(manager, kms)

@@ -121,7 +121,7 @@ class AwsKms:
     def rewrap_from(
         self, source: KeyProvider, wrapped: bytes, context: Mapping[str, str], kms_key_id: str
     ) -> tuple[bytes, str]:
-        if not (isinstance(source, AwsKms) and self._same_endpoint(source)):
+        if not self.moves_in_place(source):
             # Another provider, or another region/endpoint that cannot see the source key.
             return self.wrap(source.unwrap(wrapped, context, kms_key_id), context)
         # Server-side: the plaintext data key never leaves KMS.
@@ -138,6 +138,11 @@ class AwsKms:
             _field(response, "CiphertextBlob", bytes, "ReEncrypt"),
             _field(response, "KeyId", str, "ReEncrypt"),
         )
+
+    def moves_in_place(self, source: KeyProvider) -> bool:
+        """Whether :meth:`rewrap_from` moves ``source``'s keys inside KMS (``ReEncrypt``,
+        which needs ``kms:ReEncryptFrom``, not ``Decrypt``), never unwrapping them here."""
+        return isinstance(source, AwsKms) and self._same_endpoint(source)
 
     def owns(self, kms_key_id: str) -> bool:
         return kms_key_id == self._resolve_arn()
