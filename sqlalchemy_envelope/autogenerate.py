@@ -33,10 +33,6 @@ from .migration_ops import (
 
 log = logging.getLogger("sqlalchemy_envelope")
 
-#: Rows of a column that autogenerate reads to tell what it holds, at most: it runs on
-#: every revision, where a whole scan of a large binary column would be slow.
-AUTOGENERATE_SCAN = 100_000
-
 
 def render_item(type_: str, obj: Any, autogen_context: AutogenContext) -> str | Literal[False]:
     """``render_item`` hook for env.py: renders ``Encrypted(...)`` with its import."""
@@ -288,7 +284,7 @@ def _sample_stored(
     if envelope is None or context.connection is None:
         return Stored(values=True, ours=False)  # nothing to tell by: the author's change
     table = sa.table(table_name, sa.column(column), schema=schema)
-    return sample_column(context.connection, envelope, table, column, scan=AUTOGENERATE_SCAN)
+    return sample_column(context.connection, envelope, table, column)
 
 
 def _other_changes(op: ops.AlterColumnOp) -> bool:

@@ -455,32 +455,3 @@ def test_a_table_that_is_not_there_is_named_in_a_configuration_error(
         encrypt_column(a.envelope, engine, "stuff", "ssn", Encrypted(sa.String(11)))
     with pytest.raises(ConfigurationError, match="no table named 'stuff' in the database"):
         abandon_conversion(engine, "stuff", "ssn")
-
-
-def test_a_column_sample_finds_ours_anywhere_or_within_its_bound(
-    sqlite_url: str, local_kms: LocalKms
-) -> None:
-    """One value of ours after plaintext ones tells, unless it lies past ``scan`` rows
-    (autogenerate's bound, which keeps it from reading a whole large column)."""
-    from sqlalchemy_envelope.jobs.discovery import sample_column
-
-    engine = sa.create_engine(sqlite_url)
-    envelope = Envelope(sa.MetaData())
-    files = sa.Table(
-        "files",
-        envelope.metadata,  # type: ignore[arg-type]
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("body", Encrypted(sa.LargeBinary, envelope)),
-    )
-    envelope.configure(kms=local_kms, engine=engine)
-    envelope.metadata.create_all(engine)  # type: ignore[arg-type]
-    raw = sa.table("files", sa.column("id"), sa.column("body", sa.LargeBinary))
-    with engine.begin() as conn:
-        conn.execute(raw.insert(), [{"id": i, "body": b"plain %d" % i} for i in range(1, 5)])
-        conn.execute(files.insert().values(id=5, body=b"secret"))
-    table = sa.table("files", sa.column("body"))
-    with engine.connect() as conn:
-        assert sample_column(conn, envelope, table, "body").ours
-        assert not sample_column(conn, envelope, table, "body", scan=4).ours
-        assert sample_column(conn, envelope, table, "body", scan=5).ours
-    engine.dispose()

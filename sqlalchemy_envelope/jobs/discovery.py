@@ -201,17 +201,11 @@ class Stored:
 
 
 def sample_column(
-    conn: Connection,
-    envelope: Envelope,
-    table: sa.TableClause,
-    column: str,
-    *,
-    scan: int | None = None,
+    conn: Connection, envelope: Envelope, table: sa.TableClause, column: str
 ) -> Stored:
     """Whether ``column`` holds values, and whether any are ours (see :func:`_ours`; the
-    keyring table may not exist: then none are), with their scope and mode. ``scan``
-    bounds the rows looked at (the first ones the database returns)."""
-    sample = _sample(conn, table, column, scan)
+    keyring table may not exist: then none are), with their scope and mode."""
+    sample = _sample(conn, table, column)
     if not sample.values:
         return Stored(values=False, ours=False)
     keyring = envelope.table
@@ -239,17 +233,12 @@ class _Sample:
     found: list[tuple[tuple[int, int], bytes]]
 
 
-def _sample(
-    conn: Connection, table: sa.TableClause, column: str, scan: int | None = None
-) -> _Sample:
-    """A few stored values carrying our header, wherever they are in the column (among
-    its first ``scan`` values, if given): one encrypted value among plaintext ones
-    (written by old code) still tells."""
+def _sample(conn: Connection, table: sa.TableClause, column: str) -> _Sample:
+    """A few stored values carrying our header, wherever they are in the column: one
+    encrypted value among plaintext ones (written by old code) still tells."""
     col = sa.column(column, sa.LargeBinary)
     present = sa.select(col).select_from(table).where(col.is_not(None))
-    source = present if scan is None else present.limit(scan).subquery().select()
-    candidate = source.selected_columns[0]
-    values = conn.execute(source.where(header_like(candidate)).limit(SAMPLE_SIZE)).scalars()
+    values = conn.execute(present.where(header_like(col)).limit(SAMPLE_SIZE)).scalars()
     found = [(h, bytes(v)) for v in values if (h := wire.parse_header(v)) is not None]
     return _Sample(bool(found) or conn.execute(present.limit(1)).first() is not None, found)
 
