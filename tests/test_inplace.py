@@ -1396,3 +1396,31 @@ def test_decrypting_a_column_of_another_scope_beside_other_values_is_refused_not
     undeclared.configure(kms=local_kms, engine=engine)
     with pytest.raises(ConfigurationError, match="scope 'dates', not 'notes'"):
         decrypt_column(undeclared, engine, "notes", "body", sa.String(40))
+
+
+def test_a_forged_header_cannot_make_a_decrypted_column_fail_its_rerun(
+    db_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    """An upload whose header names another scope's key (ids are small and guessable) is
+    not that scope's ciphertext: a rerun of the finished decrypt_column stays done."""
+    engine = make_engine(db_url)
+    envelope = Envelope(sa.MetaData())
+    metadata: Any = envelope.metadata
+    files = sa.Table(
+        "files",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("body", Encrypted(sa.LargeBinary, envelope)),
+    )
+    envelope.configure(kms=local_kms, engine=engine)
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(files.insert(), [{"id": i, "body": b"scan %d" % i} for i in range(5)])
+    other = envelope.rotate("other")
+    assert decrypt_column(envelope, engine, "files", "body", sa.LargeBinary()).swapped
+    raw = sa.table("files", sa.column("id"), sa.column("body", sa.LargeBinary))
+    with engine.begin() as conn:
+        conn.execute(
+            raw.insert().values(id=9, body=wire.header(wire.RANDOMIZED, other) + b"A" * 40)
+        )
+    assert decrypt_column(envelope, engine, "files", "body", sa.LargeBinary()).already_done

@@ -455,3 +455,32 @@ def test_a_table_that_is_not_there_is_named_in_a_configuration_error(
         encrypt_column(a.envelope, engine, "stuff", "ssn", Encrypted(sa.String(11)))
     with pytest.raises(ConfigurationError, match="no table named 'stuff' in the database"):
         abandon_conversion(engine, "stuff", "ssn")
+
+
+def test_a_column_sample_without_a_working_kms_takes_headers_at_their_word(
+    sqlite_url: str, local_kms: LocalKms, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Autogenerate on a machine whose KMS cannot unwrap (another master key, no AWS
+    credentials) still tells an encrypted column, as it did before values were checked."""
+    from sqlalchemy_envelope.jobs.discovery import sample_column
+
+    engine = sa.create_engine(sqlite_url)
+    envelope = Envelope(sa.MetaData())
+    metadata: Any = envelope.metadata
+    docs = sa.Table(
+        "docs",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("body", Encrypted(sa.LargeBinary, envelope)),
+    )
+    envelope.configure(kms=local_kms, engine=engine)
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(docs.insert().values(id=1, body=b"secret"))
+    elsewhere = Envelope(sa.MetaData())
+    elsewhere.configure(kms=LocalKms(b"x" * 32), engine=engine)
+    with engine.connect() as conn:
+        stored = sample_column(conn, elsewhere, sa.table("docs"), "body")
+    assert stored.ours and stored.scope == "docs"
+    assert "the KMS could not check its values" in caplog.text
+    engine.dispose()

@@ -40,6 +40,7 @@ from sqlalchemy.schema import CreateColumn
 from .. import wire
 from .._dberrors import deadlocked
 from ..column import Encrypted
+from ..crypter import ColumnCrypter
 from ..errors import (
     ConfigurationError,
     DecryptionError,
@@ -75,6 +76,23 @@ log = logging.getLogger("sqlalchemy_envelope")
 ENCRYPTING, DECRYPTING = "__envelope", "__envelope_plain"
 MAX_NAME = 63  # PostgreSQL's identifier limit (MySQL's is 64)
 DEADLOCK_TRIES = 5  # runs in all when simultaneous workers deadlock each other
+
+
+def _authentic(crypter: ColumnCrypter, scope: str, value: bytes) -> bool:
+    """Whether ``value`` is this column's ciphertext under a key of ``scope``: only such
+    a value, not bytes whose header merely names that scope's key, tells of that scope."""
+    header = wire.parse_header(value)
+    other = ColumnCrypter(
+        crypter.envelope, crypter.table, crypter.column, scope=scope,
+        deterministic=header is not None and header[0] == wire.DETERMINISTIC,
+    )  # fmt: skip
+    try:
+        other.decrypt(value)
+    except KeyDestroyedError:
+        return True
+    except (DecryptionError, KeyNotFoundError):
+        return False
+    return True
 
 
 def _refuse_null_keys(conn: Connection, table: sa.Table, pk: list[sa.Column[Any]]) -> None:
@@ -538,9 +556,10 @@ class Conversion:
         crypter = encrypted.crypter()
         unknown: set[int] = set()
         scopes: set[str] = set()  # of keys the values name, other than this column's
-        for value in values:  # outside the transaction: keys may be loaded
+        proven: set[str] = set()  # of those, where a value is this column's ciphertext
+        for value in map(bytes, values):  # outside the transaction: keys may be loaded
             try:
-                crypter.decrypt(bytes(value))
+                crypter.decrypt(value)
             except KeyDestroyedError:
                 return True  # shredded, yet the keyring knows it: ours
             except KeyNotFoundError:
@@ -549,13 +568,17 @@ class Conversion:
                 row = crypter.envelope.keyring().get(wire.key_id_of(value) or 0)
                 if row is not None and row.scope != crypter.scope:
                     scopes.add(row.scope)
+                    if mixed and not self.encrypting and _authentic(crypter, row.scope, value):
+                        proven.add(row.scope)
             else:
                 if self.encrypting:
                     self._refuse_another_mode(wire.parse_header(value), crypter.algorithm)
                 return True
         # All ciphertext of another scope: touch nothing. Decrypting, so is a column that
-        # also holds other values: "done" would leave that scope's ciphertext in it.
-        if scopes and (not mixed or not self.encrypting):
+        # also holds other values, if one of them is this column's ciphertext under that
+        # scope: "done" would leave it there (bytes merely naming its key, an upload say,
+        # must not make a finished decrypt_column fail every rerun).
+        if (scopes and not mixed) or proven:
             named = ", ".join(map(repr, sorted(scopes)))
             raise ConfigurationError(
                 f"{self.table}.{self.column} holds values under keys of scope {named}, not "

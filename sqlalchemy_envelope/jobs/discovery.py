@@ -23,7 +23,13 @@ from sqlalchemy.engine import Connection
 from .. import wire
 from ..column import Encrypted
 from ..crypter import ColumnCrypter
-from ..errors import ConfigurationError, DecryptionError, KeyDestroyedError, KeyNotFoundError
+from ..errors import (
+    ConfigurationError,
+    DecryptionError,
+    KeyDestroyedError,
+    KeyNotFoundError,
+    KmsError,
+)
 from .batches import primary_key
 
 if TYPE_CHECKING:
@@ -249,11 +255,12 @@ def _ours(
     """Headers of the sampled values that are ours: they authenticate as this column's
     under a key of the keyring (or name one shredded since), so bytes forged to look
     like a header do not count. Without a KMS configured, a header naming a key of the
-    keyring is taken at its word."""
+    keyring is taken at its word, as when the KMS fails (with a warning)."""
+    named = [h for h, _ in sample.found if h[1] in key_scopes]
     try:
         _ = envelope.kms
     except ConfigurationError:
-        return [h for h, _ in sample.found if h[1] in key_scopes]
+        return named
     crypters: dict[tuple[int, int], ColumnCrypter] = {}
     ours = []
     for (algorithm, key_id), value in sample.found:
@@ -271,6 +278,12 @@ def _ours(
             pass  # shredded: ours, and unreadable (verify counts it)
         except (DecryptionError, KeyNotFoundError):
             continue
+        except KmsError as exc:
+            log.warning(
+                "%s.%s: the KMS could not check its values (%s); taking their headers "
+                "at their word", table, column, exc,
+            )  # fmt: skip
+            return named
         ours.append((algorithm, key_id))
     return ours
 
