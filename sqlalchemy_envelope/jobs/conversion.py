@@ -40,7 +40,6 @@ from sqlalchemy.schema import CreateColumn
 from .. import wire
 from .._dberrors import deadlocked
 from ..column import Encrypted
-from ..crypter import ColumnCrypter
 from ..errors import (
     ConfigurationError,
     DecryptionError,
@@ -60,7 +59,7 @@ from .batches import (
     sqlite_write_lock,
 )
 from .claims import LeaseLost, SharedJob, forget, job_name, jobs_table, jobs_table_name, worker_id
-from .discovery import header_like
+from .discovery import authentic, header_like
 from .early import EarlyCiphertext
 from .locks import briefly_locking
 from .pages import lanes, walk
@@ -76,23 +75,6 @@ log = logging.getLogger("sqlalchemy_envelope")
 ENCRYPTING, DECRYPTING = "__envelope", "__envelope_plain"
 MAX_NAME = 63  # PostgreSQL's identifier limit (MySQL's is 64)
 DEADLOCK_TRIES = 5  # runs in all when simultaneous workers deadlock each other
-
-
-def _authentic(crypter: ColumnCrypter, scope: str, value: bytes) -> bool:
-    """Whether ``value`` is this column's ciphertext under a key of ``scope``: only such
-    a value, not bytes whose header merely names that scope's key, tells of that scope."""
-    header = wire.parse_header(value)
-    other = ColumnCrypter(
-        crypter.envelope, crypter.table, crypter.column, scope=scope,
-        deterministic=header is not None and header[0] == wire.DETERMINISTIC,
-    )  # fmt: skip
-    try:
-        other.decrypt(value)
-    except KeyDestroyedError:
-        return True
-    except (DecryptionError, KeyNotFoundError):
-        return False
-    return True
 
 
 def _refuse_null_keys(conn: Connection, table: sa.Table, pk: list[sa.Column[Any]]) -> None:
@@ -568,7 +550,11 @@ class Conversion:
                 row = crypter.envelope.keyring().get(wire.key_id_of(value) or 0)
                 if row is not None and row.scope != crypter.scope:
                     scopes.add(row.scope)
-                    if mixed and not self.encrypting and _authentic(crypter, row.scope, value):
+                    if (
+                        mixed
+                        and not self.encrypting
+                        and authentic(crypter.envelope, self.table, self.column, row.scope, value)
+                    ):
                         proven.add(row.scope)
             else:
                 if self.encrypting:

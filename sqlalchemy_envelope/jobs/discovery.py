@@ -261,31 +261,39 @@ def _ours(
         _ = envelope.kms
     except ConfigurationError:
         return named
-    crypters: dict[tuple[int, int], ColumnCrypter] = {}
     ours = []
-    for (algorithm, key_id), value in sample.found:
-        if key_id not in key_scopes:
+    for head, value in sample.found:
+        if head[1] not in key_scopes:
             continue
-        mode = (algorithm, key_id)
-        if mode not in crypters:
-            crypters[mode] = ColumnCrypter(
-                envelope, table, column, scope=key_scopes[key_id],
-                deterministic=algorithm == wire.DETERMINISTIC,
-            )  # fmt: skip
         try:
-            crypters[mode].decrypt(value)
-        except KeyDestroyedError:
-            pass  # shredded: ours, and unreadable (verify counts it)
-        except (DecryptionError, KeyNotFoundError):
-            continue
+            if authentic(envelope, table, column, key_scopes[head[1]], value):
+                ours.append(head)
         except KmsError as exc:
             log.warning(
                 "%s.%s: the KMS could not check its values (%s); taking their headers "
                 "at their word", table, column, exc,
             )  # fmt: skip
             return named
-        ours.append((algorithm, key_id))
     return ours
+
+
+def authentic(envelope: Envelope, table: str, column: str, scope: str, value: bytes) -> bool:
+    """Whether ``value`` is ``table.column``'s ciphertext under a key of ``scope`` (or one
+    shredded since, whose values are unreadable but ours): bytes whose header merely
+    names a key do not count. A KMS failure propagates."""
+    header = wire.parse_header(value)
+    if header is None:
+        return False
+    crypter = ColumnCrypter(
+        envelope, table, column, scope=scope, deterministic=header[0] == wire.DETERMINISTIC
+    )
+    try:
+        crypter.decrypt(value)
+    except KeyDestroyedError:
+        return True
+    except (DecryptionError, KeyNotFoundError):
+        return False
+    return True
 
 
 def _mode(
