@@ -951,14 +951,19 @@ def test_whether_a_binary_column_is_encrypted_is_decided_by_authentic_values(
     # Old code writes plaintext bytes after the swap, into the first rows.
     with engine.begin() as conn:
         conn.execute(files.update().where(files.c.id <= 20).values(body=b"written around"))
-    assert encrypt_column(envelope, engine, "files", "body", target).already_done
-    with engine.connect() as conn:  # nothing encrypted twice
-        for i, body in conn.execute(sa.select(view.c.id, view.c.body).where(view.c.id > 20)):
-            assert body == bodies[i]
-    # Nor may the way back report "done" while the column holds ciphertext.
+    # The way back may not report "done" while the column holds ciphertext.
     with pytest.raises(DecryptionError):
         decrypt_column(envelope, engine, "files", "body", sa.LargeBinary())
     abandon_conversion(engine, "files", "body")
+    # Nor the way there while it holds plaintext: refused, or told to keep the ciphertext,
+    # it encrypts what was written around and nothing twice.
+    with pytest.raises(ConfigurationError, match="ciphertext beside values that are not"):
+        encrypt_column(envelope, engine, "files", "body", target)
+    again = encrypt_column(envelope, engine, "files", "body", target, keep_ciphertext=True)
+    assert again.swapped
+    bodies.update(dict.fromkeys(range(1, 21), b"written around"))
+    with engine.connect() as conn:
+        assert dict(conn.execute(sa.select(view.c.id, view.c.body)).all()) == bodies
 
 
 def test_the_sqlite_rebuild_keeps_what_refers_to_the_table(
@@ -1424,3 +1429,62 @@ def test_a_forged_header_cannot_make_a_decrypted_column_fail_its_rerun(
             raw.insert().values(id=9, body=wire.header(wire.RANDOMIZED, other) + b"A" * 40)
         )
     assert decrypt_column(envelope, engine, "files", "body", sa.LargeBinary()).already_done
+
+
+@pytest.mark.parametrize("when", ["before the conversion", "after it"])
+def test_a_binary_column_holding_its_ciphertext_beside_plaintext_is_neither_done_nor_skipped(
+    any_db_url: str,
+    make_engine: Callable[..., sa.Engine],
+    local_kms: LocalKms,
+    when: str,
+) -> None:
+    """A binary column is the same type before and after: code declaring it Encrypted
+    deployed before the conversion, or code not declaring it writing after, leaves
+    ciphertext beside plaintext. "Already done" would leave the plaintext there; the
+    job refuses before touching anything, and with keep_ciphertext encrypts the rest."""
+    engine = make_engine(any_db_url)
+    envelope = Envelope(sa.MetaData())
+    metadata: Any = envelope.metadata
+    new = sa.Table(
+        "files",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("body", Encrypted(sa.LargeBinary, envelope)),
+    )
+    envelope.configure(kms=local_kms, engine=engine)
+    envelope.table.create(engine)
+    old = sa.Table(
+        "files",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("body", sa.LargeBinary),
+    )
+    old.create(engine)
+    with engine.begin() as conn:
+        conn.execute(old.insert(), [{"id": i, "body": b"scan %d" % i} for i in range(1, 31)])
+    target = Encrypted(sa.LargeBinary())
+    if when == "after it":
+        assert encrypt_column(envelope, engine, "files", "body", target).swapped
+        with engine.begin() as conn:  # old code, still running
+            conn.execute(old.update().where(old.c.id == 7).values(body=b"rescan 7"))
+            conn.execute(old.insert().values(id=31, body=b"scan 31"))
+    else:
+        with engine.begin() as conn:  # new code, deployed too early
+            conn.execute(new.update().where(new.c.id == 7).values(body=b"rescan 7"))
+            conn.execute(new.insert().values(id=31, body=b"scan 31"))
+    with engine.connect() as conn:
+        before = conn.execute(sa.select(old).order_by(old.c.id)).all()
+
+    with pytest.raises(ConfigurationError, match="holds this column's ciphertext beside"):
+        encrypt_column(envelope, engine, "files", "body", target)
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(old).order_by(old.c.id)).all() == before
+        assert [c["name"] for c in sa.inspect(conn).get_columns("files")] == ["id", "body"]
+
+    report = encrypt_column(envelope, engine, "files", "body", target, keep_ciphertext=True)
+    assert report.swapped
+    expected = {i: b"scan %d" % i for i in range(1, 32)}
+    expected[7] = b"rescan 7"
+    with engine.connect() as conn:
+        assert dict(conn.execute(sa.select(new.c.id, new.c.body)).all()) == expected  # type: ignore[arg-type]
+    assert encrypt_column(envelope, engine, "files", "body", target).already_done

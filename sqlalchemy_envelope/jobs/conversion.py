@@ -517,7 +517,9 @@ class Conversion:
         Decided by values that authenticate, not by a sample that looks right:
         a value written around the library (plaintext after a swap, by old
         code) must not make a finished conversion run again over ciphertext,
-        nor uploaded bytes that begin like a header make it skip plaintext. A
+        nor uploaded bytes that begin like a header make it skip plaintext (a
+        column being encrypted that holds its ciphertext beside other values is
+        neither: refused, or with ``keep_ciphertext`` started). A
         column that holds nothing but values under keys the keyring lacks is
         refused: most likely the envelope names the wrong keyring table.
         """
@@ -557,9 +559,12 @@ class Conversion:
                     ):
                         proven.add(row.scope)
             else:
-                if self.encrypting:
-                    self._refuse_another_mode(wire.parse_header(value), crypter.algorithm)
-                return True
+                if not self.encrypting:
+                    return True
+                self._refuse_another_mode(wire.parse_header(value), crypter.algorithm)
+                if mixed and not self.keep_ciphertext:
+                    raise self._ciphertext_beside_plaintext()
+                return not mixed  # kept: the conversion encrypts the others (see jobs.early)
         # All ciphertext of another scope: touch nothing. Decrypting, so is a column that
         # also holds other values, if one of them is this column's ciphertext under that
         # scope: "done" would leave it there (bytes merely naming its key, an upload say,
@@ -584,6 +589,18 @@ class Conversion:
                 "configured with the keyring table the column was encrypted with?"
             )
         return False
+
+    def _ciphertext_beside_plaintext(self) -> ConfigurationError:
+        return ConfigurationError(
+            f"{self.table}.{self.column} holds this column's ciphertext beside values that are "
+            "not ciphertext: code declaring the column Encrypted wrote into it before it was "
+            "converted, or code not declaring it wrote plaintext after, or someone copied "
+            "another row's ciphertext in. If only your own code can have written the "
+            "ciphertext, rerun with keep_ciphertext=True: the other values are encrypted and "
+            "the ciphertext is kept as it is. Otherwise write those rows again (or set them "
+            "to NULL) first; `verify` counts the values that are not ciphertext. Nothing was "
+            "changed"
+        )
 
     def _refuse_another_mode(self, header: tuple[int, int] | None, asked: int) -> None:
         """An encrypted column asked to be encrypted in the other mode is not done."""

@@ -59,7 +59,11 @@ def encrypt_column(
     the column ``Encrypted`` before the swap, or copied from another row) stops
     the job, naming its row: ``keep_ciphertext=True`` copies such values as
     they are, for an operator who knows only their own code wrote them (see
-    :mod:`sqlalchemy_envelope.jobs.early`).
+    :mod:`sqlalchemy_envelope.jobs.early`). A binary column that holds its
+    ciphertext beside other values is refused before anything changes, and
+    converted so with ``keep_ciphertext=True``: the type is the same before
+    and after, so it may also be a finished conversion with plaintext
+    written around it since.
     """
     if not isinstance(type_, Encrypted):
         raise TypeError("encrypt_column needs the target Encrypted(...) type")
