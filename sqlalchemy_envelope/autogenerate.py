@@ -129,6 +129,9 @@ def _convert_binary_columns(
     ``bytea`` / ``BLOB``: where the models declare one and the column's values
     say the other (values, none of them ours; or ours), the conversion is
     added, with its reverse in the downgrade. An empty column tells nothing.
+    Ours beside values that are not (code declaring the column ``Encrypted``
+    ran before the migration was written) is not encrypted yet: another
+    database may hold plaintext only.
     """
     envelope = registered_envelope(context)
     if envelope is None or context.connection is None or script.upgrade_ops is None:
@@ -144,7 +147,9 @@ def _convert_binary_columns(
             continue
         encrypted = column.type if isinstance(column.type, Encrypted) else None
         stored = _sample_stored(context, table.name, column.name, table.schema)
-        if not stored.values or stored.ours == (encrypted is not None):
+        if not stored.values or (
+            _all_ours(stored, f"{table.name}.{column.name}") if encrypted else not stored.ours
+        ):
             continue
         upgrade: ColumnOp
         downgrade: ColumnOp
@@ -269,8 +274,17 @@ def _encrypted_already(context: MigrationContext, op: ops.AlterColumnOp, inner: 
     """
     if not _binary(inner):
         return True
-    stored = _sample(context, op)
-    return stored.values and stored.ours
+    return _all_ours(_sample(context, op), f"{op.table_name}.{op.column_name}")
+
+
+def _all_ours(stored: Stored, where: str) -> bool:
+    if stored.ours and stored.others:
+        log.warning(
+            "%s holds its ciphertext beside values that are not: the migration encrypts it "
+            "(run on such a column, encrypt_column stops; keep_ciphertext=True keeps the "
+            "ciphertext as it is)", where,
+        )  # fmt: skip
+    return stored.values and stored.ours and not stored.others
 
 
 def _sample(context: MigrationContext, op: ops.AlterColumnOp) -> Stored:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -460,6 +461,51 @@ def test_autogenerate_converts_binary_columns_by_their_values(
     with engine.connect() as conn:
         assert conn.execute(sa.select(plain.c.body).order_by(plain.c.id)).scalars().all() == blobs
     assert autogenerate(engine, plain_metadata)[0].upgrade_ops.is_empty()  # type: ignore[union-attr]
+
+
+def test_autogenerate_encrypts_a_binary_column_holding_its_ciphertext_beside_plaintext(
+    engine: sa.Engine,
+    migrate: Callable[..., Operations],
+    local_kms: LocalKms,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Models declaring Encrypted(LargeBinary) that ran before the migration was written
+    leave ciphertext beside the plaintext: still a conversion to write, since another
+    database may hold plaintext only (and this one, run, says what to do)."""
+    metadata = sa.MetaData()
+    envelope = Envelope(metadata)
+    envelope.configure(kms=local_kms, engine=engine)
+    files = sa.Table(
+        "files", metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("body", Encrypted(sa.LargeBinary, envelope)),
+    )  # fmt: skip
+    plain = sa.Table(
+        "files", sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("body", sa.LargeBinary),
+    )  # fmt: skip
+    plain.create(engine)
+    envelope.table.create(engine)
+    with engine.begin() as conn:
+        conn.execute(plain.insert(), [{"id": i, "body": b"scan %d" % i} for i in range(5)])
+        conn.execute(files.insert().values(id=5, body=b"scan 5"))  # the new code, early
+
+    with caplog.at_level(logging.WARNING, "sqlalchemy_envelope"):
+        _, upgrade, _ = autogenerate(engine, metadata)
+    body = "sqlalchemy_envelope.Encrypted(sa.LargeBinary())"
+    assert commands(upgrade) == [f"op.encrypt_column('files', 'body', {body})"]
+    assert "files.body holds its ciphertext beside values that are not" in caplog.text
+
+    namespace: dict[str, Any] = {"op": migrate(metadata), "sa": sa}
+    exec("import sqlalchemy_envelope", namespace)
+    with pytest.raises(ConfigurationError, match="keep_ciphertext=True"):
+        run(upgrade, namespace)
+    run(upgrade.replace(f"{body})", f"{body}, keep_ciphertext=True)"), namespace)
+    with engine.connect() as conn:
+        stored = conn.execute(sa.select(files.c.body).order_by(files.c.id)).scalars().all()
+    assert stored == [b"scan %d" % i for i in range(6)]
+    assert autogenerate(engine, metadata)[0].upgrade_ops.is_empty()  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("filled", [True, False], ids=["with values", "empty"])

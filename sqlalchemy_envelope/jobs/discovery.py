@@ -198,12 +198,14 @@ def _binary_columns(table: sa.Table) -> list[str]:
 
 @dataclass(frozen=True)
 class Stored:
-    """What a sample of a column's values tells: whether it holds any, whether they are ours."""
+    """What a sample of a column's values tells: whether it holds any, whether they are
+    ours, and, where some are, whether others are not (plaintext beside ciphertext)."""
 
     values: bool
     ours: bool
     scope: str | None = None
     deterministic: bool = False
+    others: bool = False
 
 
 def sample_column(
@@ -224,7 +226,14 @@ def sample_column(
     if not heads:
         return Stored(values=True, ours=False)
     scope, deterministic = _stored_mode(table.name, heads, key_scopes)
-    return Stored(values=True, ours=True, scope=scope, deterministic=deterministic)
+    col = sa.column(column, sa.LargeBinary)
+    others = len(heads) < len(sample.found) or (
+        conn.execute(
+            sa.select(col).select_from(table).where(col.is_not(None), ~header_like(col)).limit(1)
+        ).first()
+        is not None
+    )
+    return Stored(True, True, scope=scope, deterministic=deterministic, others=others)
 
 
 def header_like(col: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
