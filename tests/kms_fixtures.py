@@ -8,6 +8,7 @@ fresh customer master key with an alias on that backend.
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ __all__ = [
     "KmsBackend",
     "aws_cmk",
     "aws_credentials",
+    "count_calls",
     "kms_backend",
     "moto_server",
 ]
@@ -61,6 +63,17 @@ class KmsBackend:
     def provider(self, key_id: str, region: str = REGION) -> AwsKms:
         """A provider that builds its own boto3 client, as applications do."""
         return AwsKms(key_id, region_name=region, endpoint_url=self.endpoint_url)
+
+
+def count_calls(client: Any) -> Counter[str]:
+    """Count the KMS operations a boto3 client sends (botocore's own event hook)."""
+    calls: Counter[str] = Counter()
+
+    def record(model: Any, **_: Any) -> None:
+        calls[model.name] += 1
+
+    client.meta.events.register("before-call.kms", record)
+    return calls
 
 
 @pytest.fixture

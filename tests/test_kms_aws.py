@@ -26,20 +26,9 @@ from sqlalchemy_envelope.errors import ConfigurationError, KmsError
 from sqlalchemy_envelope.kms import AwsKms, KeyProvider, LocalKms, scope_context
 
 from .kms_fixtures import *  # noqa: F403
-from .kms_fixtures import REGION, Cmk, KmsBackend
+from .kms_fixtures import REGION, Cmk, KmsBackend, count_calls
 
 CONTEXT = scope_context("patients")
-
-
-def count_calls(client: Any) -> Counter[str]:
-    """Count the KMS operations a boto3 client sends (botocore's own event hook)."""
-    calls: Counter[str] = Counter()
-
-    def record(model: Any, **_: Any) -> None:
-        calls[model.name] += 1
-
-    client.meta.events.register("before-call.kms", record)
-    return calls
 
 
 def secret_forms(key: bytes) -> list[str]:
