@@ -174,18 +174,20 @@ def rewrap(
 ) -> int:
     """Re-wrap every live data key under ``kms``; resumable (keys already there are skipped).
 
-    Where the keys move through this process (between providers, regions or
-    local master keys), every key to move is first unwrapped under the current
-    KMS: a key that does not unwrap (its wrapped form altered, its CMK gone)
-    stops the re-wrap before any key moves, as a keyring split between two
-    master keys would lock out an application that holds only one. Within one
-    AWS region (``ReEncrypt``, which needs no ``Decrypt`` permission) a process
-    on either CMK can unwrap both, so there is no such check. A key that fails
-    to move (throttling, an outage, a damaged row) does not stop the others.
-    The keyring is read again after each pass, for keys created meanwhile.
-    Returns how many keys moved; raises
-    :class:`RewrapError` if any key is left elsewhere, and only once none is
-    does the envelope switch to ``kms``.
+    Each pass re-wraps every key to move, keeping only the new wrapped keys in
+    memory, then stores them, each by compare-and-set. Where the keys move
+    through this process (between providers, regions or local master keys),
+    that unwraps each key once under the current KMS and wraps it under
+    ``kms``; a key it fails for (its wrapped form altered, its CMK gone,
+    ``kms`` refusing) stops the re-wrap before the pass stores any key, as a
+    keyring split between two master keys would lock out an application that
+    holds only one. Within one AWS region (``ReEncrypt``, which needs no
+    ``Decrypt`` permission) a process on either CMK can unwrap both, so a key
+    that fails to move (throttling, an outage, a damaged row) does not stop
+    the others. The keyring is read again after each pass, for keys created
+    meanwhile. Returns how many keys moved; raises :class:`RewrapError` if any
+    key is left elsewhere, and only once none is does the envelope switch to
+    ``kms``.
     """
     if not isinstance(kms, KeyProvider):
         raise TypeError(
@@ -193,12 +195,9 @@ def rewrap(
         )
     manager = envelope._keys()
     _refresh(kms)
-    failed: dict[int, tuple[KeyRow, KmsError]] = {}
     in_place = getattr(kms, "moves_in_place", None)
-    if not (callable(in_place) and in_place(manager.kms)):
-        failed = _not_unwrapping(manager, _elsewhere(manager, kms))
-        if failed:
-            raise _incomplete(kms, 0, list(failed.values()), 0)
+    all_or_none = not (callable(in_place) and in_place(manager.kms))
+    failed: dict[int, tuple[KeyRow, KmsError]] = {}
     moved = done = 0
     for _ in range(_REWRAP_PASSES):
         left = _elsewhere(manager, kms)
@@ -206,15 +205,19 @@ def rewrap(
         if not todo:
             break
         total = done + len(todo)
+        rewrapped: list[tuple[KeyRow, bytes, str]] = []
         for row in todo:
             try:
-                moved += _move(manager, kms, row)
+                rewrapped.append(_rewrapped(manager, kms, row))
             except KmsError as exc:
                 failed[row.id] = (row, exc)
                 log.warning("re-wrap: data key %d of scope %r: %s", row.id, row.scope, exc)
             done += 1
             if progress is not None:
                 progress(done, total)
+        if failed and all_or_none:
+            raise _incomplete(kms, moved, list(failed.values()), 0)
+        moved += sum(_store(manager, *new) for new in rewrapped)
     else:
         left = _elsewhere(manager, kms)
     stuck = [failed[r.id] for r in left if r.id in failed]
@@ -240,27 +243,19 @@ def _elsewhere(manager: KeyManager, kms: KeyProvider) -> list[KeyRow]:
     return [r for r in rows if r.wrapped_key is not None and not owned[r.kms_key_id]]
 
 
-def _not_unwrapping(manager: KeyManager, rows: list[KeyRow]) -> dict[int, tuple[KeyRow, KmsError]]:
-    """The keys among ``rows`` that the current KMS refuses to unwrap, with its refusal."""
-    refused: dict[int, tuple[KeyRow, KmsError]] = {}
-    for row in rows:
-        assert row.wrapped_key is not None
-        try:
-            manager.call_kms(
-                manager.kms.unwrap, row.wrapped_key, scope_context(row.scope), row.kms_key_id
-            )
-        except KmsError as exc:
-            refused[row.id] = (row, exc)
-            log.warning("re-wrap: data key %d of scope %r: %s", row.id, row.scope, exc)
-    return refused
-
-
-def _move(manager: KeyManager, kms: KeyProvider, row: KeyRow) -> int:
-    """Re-wrap one key: 1, or 0 when its row changed meanwhile (the next pass looks again)."""
+def _rewrapped(manager: KeyManager, kms: KeyProvider, row: KeyRow) -> tuple[KeyRow, bytes, str]:
+    """``row`` with its key wrapped under ``kms``, not yet stored (one KMS call)."""
     assert row.wrapped_key is not None
     wrapped, kms_key_id = manager.call_kms(
         kms.rewrap_from, manager.kms, row.wrapped_key, scope_context(row.scope), row.kms_key_id
     )
+    return row, wrapped, kms_key_id
+
+
+def _store(manager: KeyManager, row: KeyRow, wrapped: bytes, kms_key_id: str) -> int:
+    """Store one re-wrapped key: 1, or 0 when its row changed meanwhile (the next pass
+    looks again)."""
+    assert row.wrapped_key is not None
     if not manager.keyring.set_wrapped(row.id, wrapped, kms_key_id, expect=row.wrapped_key):
         return 0
     log.info("re-wrapped data key %d of scope %r under %s", row.id, row.scope, kms_key_id)

@@ -30,10 +30,11 @@ from sqlalchemy_envelope import (
     lifecycle,
 )
 from sqlalchemy_envelope.cache import Cache, Stats
-from sqlalchemy_envelope.kms import GeneratedKey
+from sqlalchemy_envelope.kms import GeneratedKey, KeyProvider, scope_context
 
 from .kms_fixtures import *  # noqa: F403
-from .kms_fixtures import REGION, Cmk, KmsBackend, aws_credentials  # noqa: F401
+from .kms_fixtures import REGION, Cmk, KmsBackend, aws_credentials, count_calls  # noqa: F401
+from .test_kms_economy import CountingKms
 
 
 def _schema(**options: float) -> tuple[Envelope, sa.Table]:
@@ -68,6 +69,15 @@ def _key_of(engine: sa.Engine, row_id: int) -> int:
             sa.text("SELECT body FROM notes WHERE id = :i"), {"i": row_id}
         ).scalar_one()
     return int.from_bytes(bytes(raw)[2:6], "big")
+
+
+def _damage(envelope: Envelope, engine: sa.Engine, key_id: int) -> None:
+    """Flip one byte of a key's wrapped form: the KMS refuses it from then on."""
+    t = envelope.table
+    with engine.begin() as conn:
+        wrapped = conn.execute(sa.select(t.c.wrapped_key).where(t.c.id == key_id)).scalar_one()
+        flipped = wrapped[:-1] + bytes([wrapped[-1] ^ 1])
+        conn.execute(t.update().where(t.c.id == key_id).values(wrapped_key=flipped))
 
 
 def test_rotation_elsewhere_takes_effect_within_keyring_refresh(two_processes: tuple) -> None:  # type: ignore[type-arg]
@@ -160,6 +170,96 @@ def test_rewrap_moves_every_key_and_touches_no_row(two_processes: tuple) -> None
             "one",
             "two",
         ]
+
+
+@pytest.fixture
+def counted(
+    sqlite_url: str, make_engine: Callable[..., sa.Engine]
+) -> tuple[Envelope, sa.Engine, CountingKms]:
+    """An envelope whose master key counts its unwraps, with four keys in three scopes
+    (one of them retired)."""
+    engine = make_engine(sqlite_url)
+    envelope, table = _schema()
+    table.metadata.create_all(engine)
+    kms = CountingKms(LocalKms(os.urandom(32)))
+    envelope.configure(kms=kms, engine=engine)
+    for scope in ("notes", "b", "c", "notes"):
+        envelope.rotate(scope)
+    kms.unwraps = 0
+    return envelope, engine, kms
+
+
+def _wrapped(envelope: Envelope) -> dict[int, tuple[str, bytes]]:
+    with envelope.engine.connect() as conn:
+        t = envelope.table
+        return {
+            i: (k, bytes(w))
+            for i, k, w in conn.execute(sa.select(t.c.id, t.c.kms_key_id, t.c.wrapped_key))
+        }
+
+
+def test_rewrap_between_master_keys_unwraps_each_key_once(
+    counted: tuple[Envelope, sa.Engine, CountingKms],
+) -> None:
+    envelope, _, source = counted
+    target = LocalKms(os.urandom(32))
+    assert envelope.rewrap(target) == 4
+    assert source.unwraps == 4
+    assert envelope.kms is target
+    assert {k for k, _ in _wrapped(envelope).values()} == {target.kms_key_id}
+
+
+def test_rewrap_between_master_keys_stores_nothing_while_a_key_does_not_unwrap(
+    counted: tuple[Envelope, sa.Engine, CountingKms],
+) -> None:
+    """Every key is tried once and each one that does not unwrap is named, and not one
+    is stored: a keyring split between two master keys locks out a process holding one."""
+    envelope, engine, source = counted
+    damaged = envelope.keys("b")[0].id
+    _damage(envelope, engine, damaged)
+    before = _wrapped(envelope)
+    with pytest.raises(RewrapError) as caught:
+        envelope.rewrap(LocalKms(os.urandom(32)))
+    error = caught.value
+    assert (error.moved, error.remaining) == (0, 0)
+    assert error.failed == ((damaged, "b", "InvalidCiphertextException"),)
+    assert f"key {damaged} of scope 'b' (InvalidCiphertextException)" in str(error)
+    assert "0 data key(s) moved" in str(error) and "keys destroy ID" in str(error)
+    assert source.unwraps == 4
+    assert _wrapped(envelope) == before and envelope.kms is source
+
+
+class _Throttling:
+    """A new KMS that refuses to wrap one scope's key, as a throttled KMS would."""
+
+    def __init__(self, inner: LocalKms, scope: str) -> None:
+        self.inner, self.context = inner, scope_context(scope)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def rewrap_from(
+        self, source: KeyProvider, wrapped: bytes, context: Mapping[str, str], kms_key_id: str
+    ) -> tuple[bytes, str]:
+        if context == self.context:
+            raise KmsError("rate exceeded", code="ThrottlingException")
+        return self.inner.rewrap_from(source, wrapped, context, kms_key_id)
+
+
+def test_rewrap_between_master_keys_stores_nothing_while_the_new_kms_refuses_one(
+    counted: tuple[Envelope, sa.Engine, CountingKms],
+) -> None:
+    """A refusal of the new KMS leaves the keyring whole as well; a rerun moves every key."""
+    envelope, _, source = counted
+    before = _wrapped(envelope)
+    target = LocalKms(os.urandom(32))
+    with pytest.raises(RewrapError) as caught:
+        envelope.rewrap(_Throttling(target, "c"))  # type: ignore[arg-type]
+    refused = envelope.keys("c")[0].id
+    assert caught.value.failed == ((refused, "c", "ThrottlingException"),)
+    assert caught.value.moved == 0 and _wrapped(envelope) == before
+    assert envelope.rewrap(target) == 4
+    assert source.unwraps == 3 + 4  # once per key and run; the refusal came before one
 
 
 def test_a_value_from_another_keyring_does_not_decrypt(
@@ -509,11 +609,7 @@ def test_rewrap_within_aws_moves_every_key_it_can_and_names_those_it_cannot(
     then: test_cli.py::test_rewrap_moves_no_key_while_one_does_not_unwrap_and_names_it.)"""
     envelope, engine, old, new = on_aws
     damaged = envelope.keys("b")[0].id
-    with engine.begin() as conn:
-        t = envelope.table
-        wrapped = conn.execute(sa.select(t.c.wrapped_key).where(t.c.id == damaged)).scalar_one()
-        flipped = wrapped[:-1] + bytes([wrapped[-1] ^ 1])  # one byte: the KMS refuses it
-        conn.execute(t.update().where(t.c.id == damaged).values(wrapped_key=flipped))
+    _damage(envelope, engine, damaged)
     source, target = envelope.kms, kms_backend.provider(new.arn)
     for moved in (3, 0):  # a rerun fails the same way, and moves nothing twice
         with pytest.raises(RewrapError) as caught:
@@ -530,6 +626,39 @@ def test_rewrap_within_aws_moves_every_key_it_can_and_names_those_it_cannot(
     envelope.destroy(damaged, force=True)
     assert envelope.rewrap(target) == 0
     assert envelope.kms is target and set(_cmks(envelope, old, new).values()) == {1}
+
+
+def test_rewrap_across_regions_unwraps_each_key_once_and_stores_all_or_none(
+    pg_url: str, make_engine: Callable[..., sa.Engine], kms_backend: KmsBackend
+) -> None:
+    """Between regions keys move through this process: one Decrypt in the old region and
+    one Encrypt in the new one per key, and while one does not unwrap, none is stored."""
+    west, east = kms_backend.create_cmk(region="us-west-2"), kms_backend.create_cmk()
+    west_client, east_client = kms_backend.client("us-west-2"), kms_backend.client()
+    engine = make_engine(pg_url)
+    envelope, table = _schema()
+    table.metadata.create_all(engine)
+    envelope.configure(kms=AwsKms(west.alias, client=west_client), engine=engine)
+    for scope in ("notes", "b", "c"):
+        envelope.rotate(scope)
+    damaged = envelope.keys("b")[0].id
+    _damage(envelope, engine, damaged)
+    before = _wrapped(envelope)
+    old, new = count_calls(west_client), count_calls(east_client)
+    target = AwsKms(east.arn, client=east_client)
+
+    with pytest.raises(RewrapError) as caught:
+        envelope.rewrap(target)
+    assert caught.value.failed == ((damaged, "b", "InvalidCiphertextException"),)
+    assert caught.value.moved == 0 and _wrapped(envelope) == before
+    assert (old["Decrypt"], new["Encrypt"]) == (3, 2)
+
+    envelope.destroy(damaged, force=True)
+    old.clear()
+    new.clear()
+    assert envelope.rewrap(target) == 2
+    assert (old["Decrypt"], new["Encrypt"], old["ReEncrypt"] + new["ReEncrypt"]) == (2, 2, 0)
+    assert envelope.kms is target and set(_cmks(envelope, west, east).values()) == {1}
 
 
 class _RotatingMeanwhile:
