@@ -382,8 +382,9 @@ def keys_rewrap(ctx: click.Context, to: KmsSpec) -> None:
     """Re-wrap every data key under another KMS key; no encrypted row is touched.
 
     --kms must be able to unwrap the keys not yet under --to. Resumable: keys
-    already under --to are skipped. A key that cannot be moved does not stop the
-    others: each is named at the end, with exit status 1.
+    already under --to are skipped. A key that cannot be moved is named at the
+    end, with exit status 1; between providers or regions no key moves then,
+    within one AWS region the others do.
     """
     settings = _settings(ctx)
     envelope = settings.envelope()
