@@ -1488,3 +1488,54 @@ def test_a_binary_column_holding_its_ciphertext_beside_plaintext_is_neither_done
     with engine.connect() as conn:
         assert dict(conn.execute(sa.select(new.c.id, new.c.body)).all()) == expected  # type: ignore[arg-type]
     assert encrypt_column(envelope, engine, "files", "body", target).already_done
+
+
+@pytest.mark.parametrize(
+    ("type_", "old", "new"),
+    [
+        (sa.Boolean(), False, False),
+        (sa.Date(), dt.date(1970, 1, 1), dt.date(2001, 2, 3)),
+        (sa.Numeric(10, 2), decimal.Decimal("1.50"), decimal.Decimal("2.25")),
+        (sa.JSON(), {"a": 1}, {"b": [2]}),
+    ],
+    ids=["Boolean", "Date", "Numeric", "JSON"],
+)
+def test_ciphertext_in_a_column_of_any_type_is_told_before_the_type_reads_it(
+    sqlite_url: str,
+    make_engine: Callable[..., sa.Engine],
+    local_kms: LocalKms,
+    type_: sa.types.TypeEngine[Any],
+    old: Any,
+    new: Any,
+) -> None:
+    """SQLite stores the early code's ciphertext in a column of any type, and the type's
+    reading would make True of it (Boolean), or fail (Date): it is told apart first."""
+    engine = make_engine(sqlite_url)
+    envelope = Envelope(sa.MetaData())
+    metadata: Any = envelope.metadata
+    encrypted = sa.Table(
+        "things",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("value", Encrypted(type_, envelope)),
+    )
+    envelope.configure(kms=local_kms, engine=engine)
+    envelope.table.create(engine)
+    plain = sa.Table(
+        "things",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("value", type_),
+    )
+    plain.create(engine)
+    with engine.begin() as conn:
+        conn.execute(plain.insert(), [{"id": i, "value": old} for i in range(1, 6)])
+        conn.execute(encrypted.update().where(encrypted.c.id == 3).values(value=new))
+
+    target = Encrypted(type_)
+    with pytest.raises(ConfigurationError, match=r"primary key 3 hold this column's"):
+        encrypt_column(envelope, engine, "things", "value", target)
+    assert encrypt_column(envelope, engine, "things", "value", target, keep_ciphertext=True).swapped
+    with engine.connect() as conn:
+        values = dict(conn.execute(sa.select(encrypted.c.id, encrypted.c.value)).all())  # type: ignore[arg-type]
+    assert values == {1: old, 2: old, 3: new, 4: old, 5: old}

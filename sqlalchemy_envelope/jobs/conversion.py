@@ -60,7 +60,7 @@ from .batches import (
 )
 from .claims import LeaseLost, SharedJob, forget, job_name, jobs_table, jobs_table_name, worker_id
 from .discovery import authentic, header_like
-from .early import EarlyCiphertext
+from .early import Classified, EarlyCiphertext
 from .locks import briefly_locking
 from .pages import lanes, walk
 from .reports import ColumnJobReport
@@ -248,16 +248,18 @@ class Conversion:
             pk = primary_key(table)
             src, dst = table.c[self.column], table.c[self.shadow]
             todo = (dst.is_(None), src.is_not(None))
-            query = sa.select(*pk, sa.type_coerce(src, self.read)).where(*todo)
+            read = self.read
             write: Callable[[Connection, list[Key], list[Any]], int]
             write = BatchWrite(conn.dialect, table, pk, dst, self.write, where=[dst.is_(None)])
             if isinstance(self.write, Encrypted):  # see jobs.early
+                read = Classified(read, self.write.crypter())
                 copy = BatchWrite(
                     conn.dialect, table, pk, dst, sa.LargeBinary(), where=[dst.is_(None)]
                 )
                 write = EarlyCiphertext(
                     write, copy, self.write.crypter(), where, keep=self.keep_ciphertext
                 )
+            query = sa.select(*pk, sa.type_coerce(src, read)).where(*todo)
 
             def convert(c: Connection, rows: list[sa.Row[Any]]) -> None:
                 n = len(pk)

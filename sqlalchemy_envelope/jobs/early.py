@@ -10,14 +10,19 @@ another row by someone who can write plaintext through the old application
 and read the shadow column in a dump: the row would then decrypt to the other
 row's value. The two cannot be told apart, so such values stop the job,
 unless the operator, knowing only their own code wrote them, asks to keep them.
+
+Values are told apart as the database returns them, before the column's
+type reads them (:class:`Classified`): on SQLite a ``Boolean`` would make
+``True`` of such bytes, and a ``Date`` fail on them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy.engine import Connection
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Dialect
 
 from .. import wire
 from ..crypter import ColumnCrypter
@@ -63,6 +68,42 @@ def ciphertext_of(crypter: ColumnCrypter) -> Callable[[Any], bytes | None]:
     return ciphertext
 
 
+class Found(NamedTuple):
+    """A value read from the plaintext column that is the column's ciphertext."""
+
+    raw: bytes
+
+
+class Classified(sa.types.TypeDecorator[Any]):
+    """``read``, the type the plaintext is read through, for values that are not the
+    column's ciphertext; those become :class:`Found`, untouched by ``read``."""
+
+    impl = sa.types.NullType
+    cache_ok = False  # holds a crypter
+
+    def __init__(self, read: sa.types.TypeEngine[Any], crypter: ColumnCrypter) -> None:
+        super().__init__()
+        self.read = read
+        self.ciphertext = ciphertext_of(crypter)
+
+    def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
+        return self.read
+
+    def result_processor(self, dialect: Dialect, coltype: Any) -> Callable[[Any], Any]:
+        typed = self.impl_instance.result_processor(dialect, coltype)
+        ciphertext = self.ciphertext
+
+        def process(value: Any) -> Any:
+            if value is None:
+                return None
+            raw = ciphertext(value)
+            if raw is not None:
+                return Found(raw)
+            return value if typed is None else typed(value)
+
+        return process
+
+
 class EarlyCiphertext:
     """A batch write that encrypts plaintext values and refuses (or, when told to keep
     them, copies as they are) values that are the column's ciphertext already."""
@@ -77,11 +118,11 @@ class EarlyCiphertext:
         keep: bool,
     ) -> None:
         self.encrypt, self.copy, self.where, self.keep = encrypt, copy, where, keep
-        self.ciphertext = ciphertext_of(crypter)
         self.algorithm = crypter.algorithm
 
     def __call__(self, conn: Connection, keys: list[Key], news: list[Any]) -> int:
-        found = [self.ciphertext(v) for v in news]
+        """Write ``news``, read through :class:`Classified`."""
+        found = [v.raw if type(v) is Found else None for v in news]
         kept = [i for i, raw in enumerate(found) if raw is not None]
         if not kept:
             return self.encrypt(conn, keys, news)
