@@ -39,6 +39,7 @@ from sqlalchemy_envelope.jobs import (
     verify,
 )
 from sqlalchemy_envelope.jobs.batches import Progress
+from sqlalchemy_envelope.jobs.early import _FROM_MYSQL_LATIN1
 from sqlalchemy_envelope.jobs.sqlite_rebuild import (
     column_collations,
     column_definitions,
@@ -1539,3 +1540,44 @@ def test_ciphertext_in_a_column_of_any_type_is_told_before_the_type_reads_it(
     with engine.connect() as conn:
         values = dict(conn.execute(sa.select(encrypted.c.id, encrypted.c.value)).all())  # type: ignore[arg-type]
     assert values == {1: old, 2: old, 3: new, 4: old, 5: old}
+
+
+def test_ciphertext_in_a_mysql_latin1_column_is_told_from_its_text(
+    mysql_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    """A latin1 column takes the early code's bytes and returns them as cp1252 text (five
+    bytes as themselves): encrypted as that text, the new value would be lost."""
+    engine = make_engine(mysql_url)
+    envelope = Envelope(sa.MetaData())
+    metadata: Any = envelope.metadata
+    new = sa.Table(
+        "legacy",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("name", Encrypted(sa.String(200), envelope)),
+    )
+    envelope.configure(kms=local_kms, engine=engine)
+    envelope.table.create(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE legacy (id INTEGER PRIMARY KEY, name VARCHAR(255) CHARACTER SET latin1)"
+        )
+        conn.execute(
+            sa.table("legacy", sa.column("id"), sa.column("name")).insert(),
+            [{"id": i, "name": f"Zoë {i}"} for i in range(1, 41)],
+        )
+    with engine.begin() as conn:  # every byte, as the server returns it, maps back
+        conn.exec_driver_sql("INSERT INTO legacy VALUES (99, %s)", (bytes(range(1, 256)),))
+        text = conn.exec_driver_sql("SELECT name FROM legacy WHERE id = 99").scalar_one()
+        assert bytes(_FROM_MYSQL_LATIN1[ord(c)] for c in text) == bytes(range(1, 256))
+        conn.exec_driver_sql("DELETE FROM legacy WHERE id = 99")
+        for i in range(1, 41, 2):
+            conn.execute(new.update().where(new.c.id == i).values(name=f"Chloé {i}"))
+
+    target = Encrypted(sa.String(200))
+    with pytest.raises(ConfigurationError, match=r"primary key 1, 3, 5, 7, 9, \.\.\. hold"):
+        encrypt_column(envelope, engine, "legacy", "name", target)
+    assert encrypt_column(envelope, engine, "legacy", "name", target, keep_ciphertext=True).swapped
+    with engine.connect() as conn:
+        names = dict(conn.execute(sa.select(new.c.id, new.c.name)).all())  # type: ignore[arg-type]
+    assert names == {i: f"Chloé {i}" if i % 2 else f"Zoë {i}" for i in range(1, 41)}

@@ -3,17 +3,19 @@
 Code that declares a column ``Encrypted`` while ``encrypt_column`` still fills
 the shadow (deployed before the swap) writes ciphertext into the plaintext
 column: PostgreSQL stores the bytes' text form (``\\x01...``, by an assignment
-cast), SQLite a blob; MySQL refuses the write. Encrypting such a value again
-would bury the plaintext under two layers. Copying it as it is would be
-right for the application's own writes, but not for a value copied from
-another row by someone who can write plaintext through the old application
-and read the shadow column in a dump: the row would then decrypt to the other
-row's value. The two cannot be told apart, so such values stop the job,
-unless the operator, knowing only their own code wrote them, asks to keep them.
+cast), SQLite a blob; MySQL refuses the write, except into a ``latin1``
+column. Encrypting such a value again would bury the plaintext under two
+layers. Copying it as it is would be right for the application's own
+writes, but not for a value copied from another row by someone who can
+write plaintext through the old application and read the shadow column in
+a dump: the row would then decrypt to the other row's value. The two
+cannot be told apart, so such values stop the job, unless the operator,
+knowing only their own code wrote them, asks to keep them.
 
 Values are told apart as the database returns them, before the column's
 type reads them (:class:`Classified`): on SQLite a ``Boolean`` would make
-``True`` of such bytes, and a ``Date`` fail on them.
+``True`` of such bytes, and a ``Date`` fail on them; MySQL returns a
+``latin1`` column's bytes as text.
 """
 
 from __future__ import annotations
@@ -34,6 +36,18 @@ from .writes import BatchWrite
 LISTED = 5
 
 
+def _mysql_latin1(byte: int) -> str:
+    # MySQL's latin1 is cp1252, with the five bytes cp1252 leaves undefined kept as such.
+    try:
+        return bytes([byte]).decode("cp1252")
+    except UnicodeDecodeError:
+        return chr(byte)
+
+
+#: The character MySQL returns for each byte of a ``latin1`` column, reversed.
+_FROM_MYSQL_LATIN1 = {ord(_mysql_latin1(b)): b for b in range(256)}
+
+
 def ciphertext_of(crypter: ColumnCrypter) -> Callable[[Any], bytes | None]:
     """``value -> its bytes`` for a value that is the column's ciphertext, else None.
 
@@ -42,15 +56,22 @@ def ciphertext_of(crypter: ColumnCrypter) -> Callable[[Any], bytes | None]:
     """
     text_prefix = f"\\x{wire.VERSION:02x}"  # PostgreSQL's text form of bytea
     version = bytes([wire.VERSION])
+    latin1_version = chr(wire.VERSION)
 
     def ciphertext(value: Any) -> bytes | None:
         if type(value) is str:
-            if not value.startswith(text_prefix) or not value[2:].isalnum():
+            if value.startswith(latin1_version):
+                try:  # bytes a MySQL latin1 column took, returned as text
+                    raw = bytes(map(_FROM_MYSQL_LATIN1.__getitem__, map(ord, value)))
+                except KeyError:
+                    return None
+            elif not value.startswith(text_prefix) or not value[2:].isalnum():
                 return None
-            try:
-                raw = bytes.fromhex(value[2:])
-            except ValueError:
-                return None
+            else:
+                try:
+                    raw = bytes.fromhex(value[2:])
+                except ValueError:
+                    return None
         elif isinstance(value, (bytes, bytearray, memoryview)):
             if value[:1] != version:
                 return None
