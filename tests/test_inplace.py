@@ -1318,6 +1318,30 @@ def test_encrypting_again_in_the_other_mode_is_refused_and_reencrypt_changes_it(
         assert conn.execute(sa.select(ids.c.id).where(ids.c.ssn == "078-05-0007")).scalar() == 7
 
 
+def early_and_old(
+    engine: sa.Engine, kms: LocalKms, name: str, column: str, type_: Any
+) -> tuple[Envelope, sa.Table, sa.Table]:
+    """The table as code declaring ``column`` Encrypted sees it (the keyring created), and
+    as the old code does (the table created with the plaintext column)."""
+    envelope = Envelope(sa.MetaData())
+    new = sa.Table(
+        name,
+        envelope.metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column(column, Encrypted(type_, envelope)),
+    )
+    envelope.configure(kms=kms, engine=engine)
+    envelope.table.create(engine)
+    old = sa.Table(
+        name,
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column(column, type_),
+    )
+    old.create(engine)
+    return envelope, new, old
+
+
 @pytest.mark.parametrize("when", ["while filling", "after a decrypt"])
 def test_ciphertext_found_in_the_plaintext_column_is_refused_or_kept_never_encrypted_again(
     db_url: str,
@@ -1330,23 +1354,7 @@ def test_ciphertext_found_in_the_plaintext_column_is_refused_or_kept_never_encry
     copying another row's ciphertext from a dump through the old code. The job cannot
     tell them apart: it refuses, naming the rows, unless told to keep them as they are."""
     engine = make_engine(db_url)
-    envelope = Envelope(sa.MetaData())
-    metadata: Any = envelope.metadata
-    new = sa.Table(
-        "accounts",
-        metadata,
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("email", Encrypted(sa.String(200), envelope)),
-    )
-    envelope.configure(kms=local_kms, engine=engine)
-    envelope.table.create(engine)
-    old = sa.Table(
-        "accounts",
-        sa.MetaData(),
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("email", sa.String(200)),
-    )
-    old.create(engine)
+    envelope, new, old = early_and_old(engine, local_kms, "accounts", "email", sa.String(200))
     with engine.begin() as conn:
         conn.execute(old.insert(), [{"id": i, "email": f"old-{i}@x.org"} for i in range(1, 41)])
     target = Encrypted(sa.String(200))
@@ -1444,23 +1452,7 @@ def test_a_binary_column_holding_its_ciphertext_beside_plaintext_is_neither_done
     ciphertext beside plaintext. "Already done" would leave the plaintext there; the
     job refuses before touching anything, and with keep_ciphertext encrypts the rest."""
     engine = make_engine(any_db_url)
-    envelope = Envelope(sa.MetaData())
-    metadata: Any = envelope.metadata
-    new = sa.Table(
-        "files",
-        metadata,
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("body", Encrypted(sa.LargeBinary, envelope)),
-    )
-    envelope.configure(kms=local_kms, engine=engine)
-    envelope.table.create(engine)
-    old = sa.Table(
-        "files",
-        sa.MetaData(),
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("body", sa.LargeBinary),
-    )
-    old.create(engine)
+    envelope, new, old = early_and_old(engine, local_kms, "files", "body", sa.LargeBinary())
     with engine.begin() as conn:
         conn.execute(old.insert(), [{"id": i, "body": b"scan %d" % i} for i in range(1, 31)])
     target = Encrypted(sa.LargeBinary())
@@ -1512,23 +1504,7 @@ def test_ciphertext_in_a_column_of_any_type_is_told_before_the_type_reads_it(
     """SQLite stores the early code's ciphertext in a column of any type, and the type's
     reading would make True of it (Boolean), or fail (Date): it is told apart first."""
     engine = make_engine(sqlite_url)
-    envelope = Envelope(sa.MetaData())
-    metadata: Any = envelope.metadata
-    encrypted = sa.Table(
-        "things",
-        metadata,
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("value", Encrypted(type_, envelope)),
-    )
-    envelope.configure(kms=local_kms, engine=engine)
-    envelope.table.create(engine)
-    plain = sa.Table(
-        "things",
-        sa.MetaData(),
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("value", type_),
-    )
-    plain.create(engine)
+    envelope, encrypted, plain = early_and_old(engine, local_kms, "things", "value", type_)
     with engine.begin() as conn:
         conn.execute(plain.insert(), [{"id": i, "value": old} for i in range(1, 6)])
         conn.execute(encrypted.update().where(encrypted.c.id == 3).values(value=new))
