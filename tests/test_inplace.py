@@ -1557,3 +1557,80 @@ def test_ciphertext_in_a_mysql_latin1_column_is_told_from_its_text(
     with engine.connect() as conn:
         names = dict(conn.execute(sa.select(new.c.id, new.c.name)).all())  # type: ignore[arg-type]
     assert names == {i: f"Chloé {i}" if i % 2 else f"Zoë {i}" for i in range(1, 41)}
+
+
+def test_a_header_naming_a_shredded_key_does_not_make_encrypt_column_skip_plaintext(
+    db_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    """An upload whose header names a shredded key (of any scope: ids are small and
+    guessable, and destroyed keys stay in the keyring) cannot be authenticated: it is
+    no sign that the column is encrypted already, and is encrypted like the rest."""
+    engine = make_engine(db_url)
+    envelope = Envelope(sa.MetaData())
+    metadata: Any = envelope.metadata
+    new = sa.Table(
+        "uploads",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("body", Encrypted(sa.LargeBinary, envelope)),
+    )
+    envelope.configure(kms=local_kms, engine=engine)
+    envelope.table.create(engine)
+    old = sa.Table(
+        "uploads",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("body", sa.LargeBinary),
+    )
+    old.create(engine)
+    shredded = envelope.rotate("tenant_17")  # a tenant erased long ago
+    envelope.destroy(shredded, force=True)
+    forged = wire.header(wire.RANDOMIZED, shredded) + b"A" * 40
+    uploads = {1: forged, **{i: b"upload %d" % i for i in range(2, 11)}}
+    with engine.begin() as conn:
+        conn.execute(old.insert(), [{"id": i, "body": b} for i, b in uploads.items()])
+
+    report = encrypt_column(envelope, engine, "uploads", "body", Encrypted(sa.LargeBinary()))
+    assert report.swapped and not report.already_done
+    with engine.connect() as conn:
+        assert dict(conn.execute(sa.select(new.c.id, new.c.body)).all()) == uploads  # type: ignore[arg-type]
+
+
+def test_shredded_values_beside_plaintext_do_not_make_a_binary_column_done(
+    db_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    """A finished binary column whose first values are under a key shredded since, with
+    plaintext written around it after: refused like any other ciphertext beside
+    plaintext, whichever values the job happens to look at first."""
+    engine = make_engine(db_url)
+    envelope = Envelope(sa.MetaData())
+    metadata: Any = envelope.metadata
+    new = sa.Table(
+        "files",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("body", Encrypted(sa.LargeBinary, envelope)),
+    )
+    envelope.configure(kms=local_kms, engine=engine)
+    envelope.table.create(engine)
+    old = sa.Table(
+        "files",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("body", sa.LargeBinary),
+    )
+    old.create(engine)
+    with engine.begin() as conn:
+        conn.execute(old.insert(), [{"id": i, "body": b"scan %d" % i} for i in range(1, 21)])
+    target = Encrypted(sa.LargeBinary())
+    assert encrypt_column(envelope, engine, "files", "body", target).swapped
+    (first,) = envelope.keys("files")
+    envelope.rotate("files")
+    with engine.begin() as conn:
+        conn.execute(new.insert().values(id=21, body=b"scan 21"))
+    envelope.destroy(first.id, force=True)
+    with engine.begin() as conn:  # old code, still running
+        conn.execute(old.insert().values(id=22, body=b"scan 22"))
+
+    with pytest.raises(ConfigurationError, match="holds this column's ciphertext beside"):
+        encrypt_column(envelope, engine, "files", "body", target)

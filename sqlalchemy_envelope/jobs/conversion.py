@@ -547,9 +547,18 @@ class Conversion:
             try:
                 crypter.decrypt(value)
             except KeyDestroyedError:
-                return True  # shredded, yet the keyring knows it: ours
+                # Shredded, yet the keyring knows it: ours, where nothing says otherwise.
+                # Beside other values it cannot be authenticated, so only a key of this
+                # column's scope counts (an upload may name any shredded key), and as
+                # ciphertext beside plaintext, not as a finished job.
+                if not (self.encrypting and mixed):
+                    return True
+                row = crypter.envelope.keyring().get(wire.key_id_of(value) or 0)
+                if row is None or row.scope != crypter.scope:
+                    continue
             except KeyNotFoundError:
                 unknown.add(wire.key_id_of(value) or 0)
+                continue
             except DecryptionError:  # bytes that only look like ours, or another scope's
                 row = crypter.envelope.keyring().get(wire.key_id_of(value) or 0)
                 if row is not None and row.scope != crypter.scope:
@@ -560,13 +569,13 @@ class Conversion:
                         and authentic(crypter.envelope, self.table, self.column, row.scope, value)
                     ):
                         proven.add(row.scope)
-            else:
-                if not self.encrypting:
-                    return True
-                self._refuse_another_mode(wire.parse_header(value), crypter.algorithm)
-                if mixed and not self.keep_ciphertext:
-                    raise self._ciphertext_beside_plaintext()
-                return not mixed  # kept: the conversion encrypts the others (see jobs.early)
+                continue
+            if not self.encrypting:
+                return True
+            self._refuse_another_mode(wire.parse_header(value), crypter.algorithm)
+            if mixed and not self.keep_ciphertext:
+                raise self._ciphertext_beside_plaintext()
+            return not mixed  # kept: the conversion encrypts the others (see jobs.early)
         # All ciphertext of another scope: touch nothing. Decrypting, so is a column that
         # also holds other values, if one of them is this column's ciphertext under that
         # scope: "done" would leave it there (bytes merely naming its key, an upload say,
