@@ -17,6 +17,7 @@ from alembic.runtime.migration import MigrationContext
 import sqlalchemy_envelope.alembic as envelope_alembic
 from sqlalchemy_envelope import ConfigurationError, Encrypted, Envelope, LocalKms, wire
 from sqlalchemy_envelope.alembic import DecryptColumnOp, EncryptColumnOp
+from sqlalchemy_envelope.jobs import encrypt_column
 
 
 def models(envelope_name: str = "envelope_data_keys") -> tuple[sa.MetaData, Envelope]:
@@ -506,6 +507,41 @@ def test_autogenerate_encrypts_a_binary_column_holding_its_ciphertext_beside_pla
         stored = conn.execute(sa.select(files.c.body).order_by(files.c.id)).scalars().all()
     assert stored == [b"scan %d" % i for i in range(6)]
     assert autogenerate(engine, metadata)[0].upgrade_ops.is_empty()  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("damage", ["a flipped byte", "an unknown key id"])
+def test_autogenerate_leaves_an_encrypted_binary_column_with_a_damaged_value_alone(
+    engine: sa.Engine, local_kms: LocalKms, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A value that begins like ours but does not authenticate is no plaintext that
+    encrypt_column would convert (it reports the column done): writing the operation
+    would add it again to every revision."""
+    metadata = sa.MetaData()
+    envelope = Envelope(metadata)
+    envelope.configure(kms=local_kms, engine=engine)
+    files = sa.Table(
+        "files", metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("body", Encrypted(sa.LargeBinary, envelope)),
+    )  # fmt: skip
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(files.insert(), [{"id": i, "body": b"scan %d" % i} for i in range(5)])
+    raw = sa.table("files", sa.column("id"), sa.column("body", sa.LargeBinary))
+    with engine.begin() as conn:
+        value = conn.execute(sa.select(raw.c.body).where(raw.c.id == 3)).scalar_one()
+        if damage == "a flipped byte":
+            value = value[:-1] + bytes([value[-1] ^ 1])
+        else:
+            value = value[:2] + (999).to_bytes(4, "big") + value[6:]
+        conn.execute(raw.update().where(raw.c.id == 3).values(body=value))
+
+    with caplog.at_level(logging.WARNING, "sqlalchemy_envelope"):
+        script, upgrade, _ = autogenerate(engine, metadata)
+    assert script.upgrade_ops is not None and script.upgrade_ops.is_empty(), upgrade
+    assert "beside values that are not" not in caplog.text
+    target = Encrypted(sa.LargeBinary())
+    assert encrypt_column(envelope, engine, "files", "body", target).already_done
 
 
 @pytest.mark.parametrize("filled", [True, False], ids=["with values", "empty"])

@@ -226,8 +226,10 @@ def sample_column(
     if not heads:
         return Stored(values=True, ours=False)
     scope, deterministic = _stored_mode(table.name, heads, key_scopes)
+    # Values that do not begin like ours, as encrypt_column tells them: one that does
+    # but fails to authenticate (damaged, foreign) is no plaintext it would convert.
     col = sa.column(column, sa.LargeBinary)
-    others = len(heads) < len(sample.found) or (
+    others = (
         conn.execute(
             sa.select(col).select_from(table).where(col.is_not(None), ~header_like(col)).limit(1)
         ).first()
