@@ -1634,3 +1634,46 @@ def test_shredded_values_beside_plaintext_do_not_make_a_binary_column_done(
 
     with pytest.raises(ConfigurationError, match="holds this column's ciphertext beside"):
         encrypt_column(envelope, engine, "files", "body", target)
+
+
+@pytest.mark.parametrize("db", ["sqlite", "mysql"])
+def test_a_finished_text_column_with_plaintext_written_around_it_stays_done(
+    db: str,
+    request: pytest.FixtureRequest,
+    make_engine: Callable[..., sa.Engine],
+    local_kms: LocalKms,
+) -> None:
+    """A text column is binary only once converted: plaintext that old code wrote into it
+    after the swap (SQLite and MySQL take it; PostgreSQL refuses) is no conversion to
+    start again, which would read it as bytes where text is expected."""
+    engine = make_engine(request.getfixturevalue(f"{db}_url"))
+    envelope = Envelope(sa.MetaData())
+    metadata: Any = envelope.metadata
+    new = sa.Table(
+        "people",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("name", Encrypted(sa.String(50), envelope)),
+    )
+    envelope.configure(kms=local_kms, engine=engine)
+    envelope.table.create(engine)
+    old = sa.Table(
+        "people",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("name", sa.String(50)),
+    )
+    old.create(engine)
+    with engine.begin() as conn:
+        conn.execute(old.insert(), [{"id": i, "name": f"name {i}"} for i in range(1, 11)])
+    target = Encrypted(sa.String(50))
+    assert encrypt_column(envelope, engine, "people", "name", target).swapped
+    with engine.begin() as conn:  # old code, still running
+        conn.execute(old.insert().values(id=11, name="written around"))
+
+    for keep in (False, True):
+        report = encrypt_column(envelope, engine, "people", "name", target, keep_ciphertext=keep)
+        assert report.already_done
+    with engine.connect() as conn:
+        assert [c["name"] for c in sa.inspect(conn).get_columns("people")] == ["id", "name"]
+        assert conn.execute(sa.select(new.c.name).where(new.c.id == 1)).scalar() == "name 1"
