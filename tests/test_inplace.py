@@ -1677,3 +1677,39 @@ def test_a_finished_text_column_with_plaintext_written_around_it_stays_done(
     with engine.connect() as conn:
         assert [c["name"] for c in sa.inspect(conn).get_columns("people")] == ["id", "name"]
         assert conn.execute(sa.select(new.c.name).where(new.c.id == 1)).scalar() == "name 1"
+
+
+def test_ciphertext_in_a_padded_char_column_is_told_apart(
+    pg_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    """PostgreSQL pads a CHAR(n) column's values with spaces, the text form of ciphertext
+    the early code wrote too: padded, it is still the column's ciphertext."""
+    engine = make_engine(pg_url)
+    envelope = Envelope(sa.MetaData())
+    metadata: Any = envelope.metadata
+    new = sa.Table(
+        "codes",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("code", Encrypted(sa.CHAR(200), envelope)),
+    )
+    envelope.configure(kms=local_kms, engine=engine)
+    envelope.table.create(engine)
+    old = sa.Table(
+        "codes",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("code", sa.CHAR(200)),
+    )
+    old.create(engine)
+    with engine.begin() as conn:
+        conn.execute(old.insert(), [{"id": i, "code": "A" * 200} for i in range(1, 6)])
+        conn.execute(new.update().where(new.c.id == 3).values(code="new"))  # the early code
+
+    target = Encrypted(sa.CHAR(200))
+    with pytest.raises(ConfigurationError, match=r"primary key 3 hold this column's"):
+        encrypt_column(envelope, engine, "codes", "code", target)
+    assert encrypt_column(envelope, engine, "codes", "code", target, keep_ciphertext=True).swapped
+    with engine.connect() as conn:
+        codes = dict(conn.execute(sa.select(new.c.id, new.c.code)).all())  # type: ignore[arg-type]
+    assert codes == {1: "A" * 200, 2: "A" * 200, 3: "new", 4: "A" * 200, 5: "A" * 200}

@@ -65,13 +65,16 @@ def ciphertext_of(crypter: ColumnCrypter) -> Callable[[Any], bytes | None]:
                     raw = bytes(map(_FROM_MYSQL_LATIN1.__getitem__, map(ord, value)))
                 except KeyError:
                     return None
-            elif not value.startswith(text_prefix) or not value[2:].isalnum():
-                return None
-            else:
+            elif value.startswith(text_prefix):
+                value = value.rstrip(" ")  # as a CHAR(n) column pads it
+                if not value[2:].isalnum():
+                    return None
                 try:
                     raw = bytes.fromhex(value[2:])
                 except ValueError:
                     return None
+            else:
+                return None
         elif isinstance(value, (bytes, bytearray, memoryview)):
             if value[:1] != version:
                 return None
