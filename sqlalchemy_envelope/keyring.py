@@ -90,6 +90,16 @@ class KeyRow:
     wrapped_key: bytes | None = field(default=None, repr=False)
 
 
+@dataclass(frozen=True)
+class Rewrapped:
+    """A key's new wrapped form, to store where its row still holds ``expect``."""
+
+    key_id: int
+    wrapped: bytes = field(repr=False)
+    kms_key_id: str
+    expect: bytes = field(repr=False)
+
+
 def sync_engine(engine: Any) -> Engine:
     """The ``Engine`` itself, or the one behind an ``AsyncEngine``; TypeError otherwise.
 
@@ -479,16 +489,21 @@ class Keyring:
         key_id = result.inserted_primary_key[0]  # type: ignore[index]
         return KeyRow(key_id, scope, ACTIVE, kms_key_id, created, wrapped)
 
-    def set_wrapped(self, key_id: int, wrapped: bytes, kms_key_id: str, *, expect: bytes) -> bool:
-        """Compare-and-set the wrapped form of a key (for re-wrapping); False if it changed."""
+    def set_wrapped(self, changes: Sequence[Rewrapped]) -> list[bool]:
+        """Compare-and-set the wrapped form of keys (for re-wrapping), all in one
+        transaction: for each, False if it changed meanwhile."""
         t = self.table
         with self.begin() as conn:
-            result = conn.execute(
-                t.update()
-                .where(t.c.id == key_id, t.c.wrapped_key == expect)
-                .values(wrapped_key=wrapped, kms_key_id=kms_key_id)
-            )
-            return bool(result.rowcount)
+            return [
+                bool(
+                    conn.execute(
+                        t.update()
+                        .where(t.c.id == c.key_id, t.c.wrapped_key == c.expect)
+                        .values(wrapped_key=c.wrapped, kms_key_id=c.kms_key_id)
+                    ).rowcount
+                )
+                for c in changes
+            ]
 
     def destroy(self, key_id: int) -> None:
         t = self.table

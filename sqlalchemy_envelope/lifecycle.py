@@ -23,7 +23,7 @@ from .errors import (
     KmsError,
     RewrapError,
 )
-from .keyring import ACTIVE, DESTROYED, RETIRED, KeyRow
+from .keyring import ACTIVE, DESTROYED, RETIRED, KeyRow, Rewrapped
 from .keys import DataKey, KeyManager
 from .kms.base import KeyProvider, scope_context
 
@@ -175,7 +175,7 @@ def rewrap(
     """Re-wrap every live data key under ``kms``; resumable (keys already there are skipped).
 
     Each pass re-wraps every key to move, keeping only the new wrapped keys in
-    memory, then stores them, each by compare-and-set. Where the keys move
+    memory, then stores them in one transaction, each by compare-and-set. Where the keys move
     through this process (between providers, regions or local master keys),
     that unwraps each key once under the current KMS and wraps it under
     ``kms``; a key it fails for (its wrapped form altered, its CMK gone,
@@ -205,10 +205,10 @@ def rewrap(
         if not todo:
             break
         total = done + len(todo)
-        rewrapped: list[tuple[KeyRow, bytes, str]] = []
+        rewrapped: list[tuple[KeyRow, Rewrapped]] = []
         for row in todo:
             try:
-                rewrapped.append(_rewrapped(manager, kms, row))
+                rewrapped.append((row, _rewrapped(manager, kms, row)))
             except KmsError as exc:
                 failed[row.id] = (row, exc)
                 log.warning("re-wrap: data key %d of scope %r: %s", row.id, row.scope, exc)
@@ -217,7 +217,7 @@ def rewrap(
                 progress(done, total)
         if failed and all_or_none:
             raise _incomplete(kms, moved, list(failed.values()), 0)
-        moved += sum(_store(manager, *new) for new in rewrapped)
+        moved += _store(manager, rewrapped)
     else:
         left = _elsewhere(manager, kms)
     stuck = [failed[r.id] for r in left if r.id in failed]
@@ -243,23 +243,28 @@ def _elsewhere(manager: KeyManager, kms: KeyProvider) -> list[KeyRow]:
     return [r for r in rows if r.wrapped_key is not None and not owned[r.kms_key_id]]
 
 
-def _rewrapped(manager: KeyManager, kms: KeyProvider, row: KeyRow) -> tuple[KeyRow, bytes, str]:
-    """``row`` with its key wrapped under ``kms``, not yet stored (one KMS call)."""
+def _rewrapped(manager: KeyManager, kms: KeyProvider, row: KeyRow) -> Rewrapped:
+    """``row``'s key wrapped under ``kms``, not yet stored (one KMS call)."""
     assert row.wrapped_key is not None
     wrapped, kms_key_id = manager.call_kms(
         kms.rewrap_from, manager.kms, row.wrapped_key, scope_context(row.scope), row.kms_key_id
     )
-    return row, wrapped, kms_key_id
+    return Rewrapped(row.id, wrapped, kms_key_id, expect=row.wrapped_key)
 
 
-def _store(manager: KeyManager, row: KeyRow, wrapped: bytes, kms_key_id: str) -> int:
-    """Store one re-wrapped key: 1, or 0 when its row changed meanwhile (the next pass
-    looks again)."""
-    assert row.wrapped_key is not None
-    if not manager.keyring.set_wrapped(row.id, wrapped, kms_key_id, expect=row.wrapped_key):
+def _store(manager: KeyManager, rewrapped: list[tuple[KeyRow, Rewrapped]]) -> int:
+    """Store a pass's re-wrapped keys in one transaction, so that a failure meanwhile leaves
+    none stored either; how many were. A key whose row changed meanwhile is not (the next
+    pass looks again)."""
+    if not rewrapped:
         return 0
-    log.info("re-wrapped data key %d of scope %r under %s", row.id, row.scope, kms_key_id)
-    return 1
+    stored = manager.keyring.set_wrapped([new for _, new in rewrapped])
+    for (row, new), done in zip(rewrapped, stored, strict=True):
+        if done:
+            log.info(
+                "re-wrapped data key %d of scope %r under %s", row.id, row.scope, new.kms_key_id
+            )
+    return sum(stored)
 
 
 def _incomplete(

@@ -262,6 +262,37 @@ def test_rewrap_between_master_keys_stores_nothing_while_the_new_kms_refuses_one
     assert source.unwraps == 3 + 4  # once per key and run; the refusal came before one
 
 
+class _Lost(Exception):
+    """The database connection lost while re-wrapped keys are being stored."""
+
+
+def test_rewrap_between_master_keys_stores_every_key_or_none(
+    counted: tuple[Envelope, sa.Engine, CountingKms],
+) -> None:
+    """The keys re-wrapped in memory are stored in one transaction: a failure while storing
+    them (the connection lost, the process killed) leaves no keyring split between two
+    master keys either."""
+    envelope, _, source = counted
+    engine = envelope.keyring().engine  # the keyring's own pool
+    before = _wrapped(envelope)
+    updates = 0
+
+    def lose_the_second(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        nonlocal updates
+        if statement.startswith("UPDATE envelope_data_keys"):
+            updates += 1
+            if updates == 2:
+                raise _Lost
+
+    sa.event.listen(engine, "before_cursor_execute", lose_the_second)
+    target = LocalKms(os.urandom(32))
+    with pytest.raises(_Lost):
+        envelope.rewrap(target)
+    sa.event.remove(engine, "before_cursor_execute", lose_the_second)
+    assert _wrapped(envelope) == before and envelope.kms is source
+    assert envelope.rewrap(target) == 4
+
+
 def test_a_value_from_another_keyring_does_not_decrypt(
     db_url: str, make_engine: Callable[..., sa.Engine]
 ) -> None:
