@@ -175,13 +175,13 @@ def rewrap(
     """Re-wrap every live data key under ``kms``; resumable (keys already there are skipped).
 
     Each pass re-wraps every key to move, keeping only the new wrapped keys in
-    memory, then stores them in one transaction, each by compare-and-set. Where the keys move
-    through this process (between providers, regions or local master keys),
-    that unwraps each key once under the current KMS and wraps it under
-    ``kms``; a key it fails for (its wrapped form altered, its CMK gone,
-    ``kms`` refusing) stops the re-wrap before the pass stores any key, as a
-    keyring split between two master keys would lock out an application that
-    holds only one. Within one AWS region (``ReEncrypt``, which needs no
+    memory, then stores them in one transaction, each by compare-and-set.
+    Where the keys move through this process (between providers, regions or
+    local master keys), that unwraps each key once under the current KMS and
+    wraps it under ``kms``; a key it fails for (its wrapped form altered, its
+    CMK gone, ``kms`` refusing) stops the re-wrap before the pass stores any
+    key, as a keyring split between two master keys would lock out an
+    application that holds only one. Within one AWS region (``ReEncrypt``, which needs no
     ``Decrypt`` permission) a process on either CMK can unwrap both, so a key
     that fails to move (throttling, an outage, a damaged row) does not stop
     the others. The keyring is read again after each pass, for keys created
