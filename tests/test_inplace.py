@@ -1566,23 +1566,7 @@ def test_a_header_naming_a_shredded_key_does_not_make_encrypt_column_skip_plaint
     guessable, and destroyed keys stay in the keyring) cannot be authenticated: it is
     no sign that the column is encrypted already, and is encrypted like the rest."""
     engine = make_engine(db_url)
-    envelope = Envelope(sa.MetaData())
-    metadata: Any = envelope.metadata
-    new = sa.Table(
-        "uploads",
-        metadata,
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("body", Encrypted(sa.LargeBinary, envelope)),
-    )
-    envelope.configure(kms=local_kms, engine=engine)
-    envelope.table.create(engine)
-    old = sa.Table(
-        "uploads",
-        sa.MetaData(),
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("body", sa.LargeBinary),
-    )
-    old.create(engine)
+    envelope, new, old = early_and_old(engine, local_kms, "uploads", "body", sa.LargeBinary())
     shredded = envelope.rotate("tenant_17")  # a tenant erased long ago
     envelope.destroy(shredded, force=True)
     forged = wire.header(wire.RANDOMIZED, shredded) + b"A" * 40
@@ -1603,23 +1587,7 @@ def test_shredded_values_beside_plaintext_do_not_make_a_binary_column_done(
     plaintext written around it after: refused like any other ciphertext beside
     plaintext, whichever values the job happens to look at first."""
     engine = make_engine(db_url)
-    envelope = Envelope(sa.MetaData())
-    metadata: Any = envelope.metadata
-    new = sa.Table(
-        "files",
-        metadata,
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("body", Encrypted(sa.LargeBinary, envelope)),
-    )
-    envelope.configure(kms=local_kms, engine=engine)
-    envelope.table.create(engine)
-    old = sa.Table(
-        "files",
-        sa.MetaData(),
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("body", sa.LargeBinary),
-    )
-    old.create(engine)
+    envelope, new, old = early_and_old(engine, local_kms, "files", "body", sa.LargeBinary())
     with engine.begin() as conn:
         conn.execute(old.insert(), [{"id": i, "body": b"scan %d" % i} for i in range(1, 21)])
     target = Encrypted(sa.LargeBinary())
@@ -1647,23 +1615,7 @@ def test_a_finished_text_column_with_plaintext_written_around_it_stays_done(
     after the swap (SQLite and MySQL take it; PostgreSQL refuses) is no conversion to
     start again, which would read it as bytes where text is expected."""
     engine = make_engine(request.getfixturevalue(f"{db}_url"))
-    envelope = Envelope(sa.MetaData())
-    metadata: Any = envelope.metadata
-    new = sa.Table(
-        "people",
-        metadata,
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("name", Encrypted(sa.String(50), envelope)),
-    )
-    envelope.configure(kms=local_kms, engine=engine)
-    envelope.table.create(engine)
-    old = sa.Table(
-        "people",
-        sa.MetaData(),
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("name", sa.String(50)),
-    )
-    old.create(engine)
+    envelope, new, old = early_and_old(engine, local_kms, "people", "name", sa.String(50))
     with engine.begin() as conn:
         conn.execute(old.insert(), [{"id": i, "name": f"name {i}"} for i in range(1, 11)])
     target = Encrypted(sa.String(50))
@@ -1685,23 +1637,7 @@ def test_ciphertext_in_a_padded_char_column_is_told_apart(
     """PostgreSQL pads a CHAR(n) column's values with spaces, the text form of ciphertext
     the early code wrote too: padded, it is still the column's ciphertext."""
     engine = make_engine(pg_url)
-    envelope = Envelope(sa.MetaData())
-    metadata: Any = envelope.metadata
-    new = sa.Table(
-        "codes",
-        metadata,
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("code", Encrypted(sa.CHAR(200), envelope)),
-    )
-    envelope.configure(kms=local_kms, engine=engine)
-    envelope.table.create(engine)
-    old = sa.Table(
-        "codes",
-        sa.MetaData(),
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("code", sa.CHAR(200)),
-    )
-    old.create(engine)
+    envelope, new, old = early_and_old(engine, local_kms, "codes", "code", sa.CHAR(200))
     with engine.begin() as conn:
         conn.execute(old.insert(), [{"id": i, "code": "A" * 200} for i in range(1, 6)])
         conn.execute(new.update().where(new.c.id == 3).values(code="new"))  # the early code

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("sqlalchemy_envelope")
 
 SAMPLE_SIZE = 64
+#: Values whose first byte tells whether plaintext sits beside ours (see :func:`_others`).
+OTHERS_SAMPLE = 1000
 
 
 @dataclass(frozen=True)
@@ -226,16 +228,18 @@ def sample_column(
     if not heads:
         return Stored(values=True, ours=False)
     scope, deterministic = _stored_mode(table.name, heads, key_scopes)
-    # Values that do not begin like ours, as encrypt_column tells them: one that does
-    # but fails to authenticate (damaged, foreign) is no plaintext it would convert.
+    return Stored(True, True, scope, deterministic, others=_others(conn, table, column))
+
+
+def _others(conn: Connection, table: sa.TableClause, column: str) -> bool:
+    """Whether, among the first values, one does not begin like ours, as encrypt_column
+    tells them (one that does but fails to authenticate, damaged or foreign, is no
+    plaintext it would convert). Bounded: plaintext written before the models declared
+    the column ``Encrypted`` is most of it, and a finished column is read no further."""
     col = sa.column(column, sa.LargeBinary)
-    others = (
-        conn.execute(
-            sa.select(col).select_from(table).where(col.is_not(None), ~header_like(col)).limit(1)
-        ).first()
-        is not None
-    )
-    return Stored(True, True, scope=scope, deterministic=deterministic, others=others)
+    firsts = sa.select(sa.func.substr(col, 1, 1)).select_from(table).where(col.is_not(None))
+    version = bytes([wire.VERSION])
+    return any(bytes(b) != version for b in conn.execute(firsts.limit(OTHERS_SAMPLE)).scalars())
 
 
 def header_like(col: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
