@@ -509,6 +509,35 @@ def test_autogenerate_encrypts_a_binary_column_holding_its_ciphertext_beside_pla
     assert autogenerate(engine, metadata)[0].upgrade_ops.is_empty()  # type: ignore[union-attr]
 
 
+def test_an_upload_naming_a_shredded_key_chooses_no_conversion(
+    engine: sa.Engine, local_kms: LocalKms
+) -> None:
+    """Values under a key shredded since cannot be authenticated: beside other values (an
+    upload naming one, ids being small) they make no column ours, nor choose its scope;
+    a column of nothing else was encrypted under it, and is converted back."""
+    metadata = sa.MetaData()
+    envelope = Envelope(metadata)
+    envelope.configure(kms=local_kms, engine=engine)
+    uploads = sa.Table(
+        "uploads", metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("body", sa.LargeBinary),
+    )  # fmt: skip
+    metadata.create_all(engine)
+    shredded = envelope.rotate("tenant_17")
+    envelope.destroy(shredded, force=True)
+    forged = wire.header(wire.RANDOMIZED, shredded) + b"A" * 40
+    with engine.begin() as conn:
+        conn.execute(uploads.insert(), [{"id": 1, "body": forged}, {"id": 2, "body": b"%PDF"}])
+    assert autogenerate(engine, metadata)[0].upgrade_ops.is_empty()  # type: ignore[union-attr]
+
+    with engine.begin() as conn:  # all of it under the shredded key: encrypted once
+        conn.execute(uploads.delete().where(uploads.c.id == 2))
+    _, upgrade, _ = autogenerate(engine, metadata)
+    decrypt = "op.decrypt_column('uploads', 'body', sa.LargeBinary(), scope='tenant_17')"
+    assert commands(upgrade) == [decrypt]
+
+
 @pytest.mark.parametrize("damage", ["a flipped byte", "an unknown key id"])
 def test_autogenerate_leaves_an_encrypted_binary_column_with_a_damaged_value_alone(
     engine: sa.Engine, local_kms: LocalKms, damage: str, caplog: pytest.LogCaptureFixture

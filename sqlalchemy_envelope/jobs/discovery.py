@@ -30,6 +30,7 @@ from ..errors import (
     KeyNotFoundError,
     KmsError,
 )
+from ..keyring import DESTROYED
 from .batches import primary_key
 
 if TYPE_CHECKING:
@@ -121,7 +122,7 @@ def resolve(
                 f"table {name!r} has no binary column, so none of its columns is encrypted "
                 "(to encrypt one, see encrypt_column)"
             )
-        ours = {c: _ours(envelope, name, c, s, key_scopes) for c, s in samples.items()}
+        ours = {c: _ours(envelope, name, c, s, key_scopes)[0] for c, s in samples.items()}
         wanted = [c for c, heads in ours.items() if heads]
         if not wanted and any(s.values for s in samples.values()):
             raise ConfigurationError(
@@ -136,7 +137,7 @@ def resolve(
             log.info("table %r: no encrypted values yet", name)
     else:  # named or declared: the values tell only a named column's scope and mode
         ours = {
-            c: _ours(envelope, name, c, samples[c], key_scopes) for c in wanted if c not in types
+            c: _ours(envelope, name, c, samples[c], key_scopes)[0] for c in wanted if c not in types
         }
     crypters = {}
     for column in wanted:
@@ -221,14 +222,19 @@ def sample_column(
     keyring = envelope.table
     if not sa.inspect(conn).has_table(keyring.name, schema=keyring.schema):
         return Stored(values=True, ours=False)
-    key_scopes = {
-        key: scope for key, scope in conn.execute(sa.select(keyring.c.id, keyring.c.scope))
-    }
-    heads = _ours(envelope, table.name, column, sample, key_scopes)
+    keys = conn.execute(sa.select(keyring.c.id, keyring.c.scope, keyring.c.state)).all()
+    key_scopes = {key: scope for key, scope, _ in keys}
+    shredded = frozenset(key for key, _, state in keys if state == DESTROYED)
+    heads, unproven = _ours(envelope, table.name, column, sample, key_scopes, shredded)
+    others = _others(conn, table, column)
+    if not heads and not others:
+        # Values under keys shredded since cannot be authenticated: taken as ours only in
+        # a column of nothing else, so that an upload naming one chooses nothing.
+        heads = unproven
     if not heads:
         return Stored(values=True, ours=False)
     scope, deterministic = _stored_mode(table.name, heads, key_scopes)
-    return Stored(True, True, scope, deterministic, others=_others(conn, table, column))
+    return Stored(True, True, scope, deterministic, others=others)
 
 
 def _others(conn: Connection, table: sa.TableClause, column: str) -> bool:
@@ -265,19 +271,29 @@ def _sample(conn: Connection, table: sa.TableClause, column: str) -> _Sample:
 
 
 def _ours(
-    envelope: Envelope, table: str, column: str, sample: _Sample, key_scopes: dict[int, str]
-) -> list[tuple[int, int]]:
-    """Headers of the sampled values that are ours: they authenticate as this column's
-    under a key of the keyring (or name one shredded since), so bytes forged to look
-    like a header do not count. Without a KMS configured, a header naming a key of the
-    keyring is taken at its word, as when the KMS fails (with a warning)."""
+    envelope: Envelope,
+    table: str,
+    column: str,
+    sample: _Sample,
+    key_scopes: dict[int, str],
+    shredded: frozenset[int] = frozenset(),
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Headers of the sampled values that are ours (they authenticate as this column's
+    under a key of the keyring, or one shredded since, so bytes forged to look like a
+    header do not count), and apart, those naming a key of ``shredded``, which cannot
+    be checked. Without a KMS
+    configured, a header naming a key of the keyring is taken at its word, as when the
+    KMS fails (with a warning)."""
     named = [h for h, _ in sample.found if h[1] in key_scopes]
     try:
         _ = envelope.kms
     except ConfigurationError:
-        return named
-    ours = []
+        return named, []
+    ours, unproven = [], []
     for head, value in sample.found:
+        if head[1] in shredded:
+            unproven.append(head)
+            continue
         if head[1] not in key_scopes:
             continue
         try:
@@ -288,8 +304,8 @@ def _ours(
                 "%s.%s: the KMS could not check its values (%s); taking their headers "
                 "at their word", table, column, exc,
             )  # fmt: skip
-            return named
-    return ours
+            return named, []
+    return ours, unproven
 
 
 def authentic(envelope: Envelope, table: str, column: str, scope: str, value: bytes) -> bool:
