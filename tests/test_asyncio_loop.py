@@ -349,6 +349,36 @@ def test_core_async_reads_a_key_rotated_in_another_process(async_url: str) -> No
     asyncio.run(main())
 
 
+def test_core_async_statement_begun_after_its_keys_ttl_does_not_use_the_expired_key(
+    async_url: str,
+) -> None:
+    """keyring_refresh's grace covers a statement in flight when its key's cache_ttl ran
+    out, not one begun after: for that one, a key shredded elsewhere meanwhile is gone."""
+
+    async def main() -> None:
+        app, elsewhere = build(cache_ttl=0.5, keyring_refresh=5.0), build()  # two processes
+        engine = create_async_engine(async_url)
+        try:
+            async with engine.begin() as conn:
+                await conn.run_sync(app.Base.metadata.create_all)
+            kms = LocalKms(os.urandom(32))
+            app.envelope.configure(kms=kms, engine=engine)
+            elsewhere.envelope.configure(kms=kms, engine=engine)
+            names = sa.select(app.Patient.__table__.c.name)
+            await add_patient(app, engine, 1)
+            async with engine.connect() as conn:  # this process holds the key for cache_ttl
+                assert (await conn.execute(names)).scalars().all() == ["async-1"]
+                shredded = await conn.run_sync(lambda _: elsewhere.envelope.keys()[0].id)
+                await conn.run_sync(lambda _: elsewhere.envelope.destroy(shredded, force=True))
+                await asyncio.sleep(0.7)  # cache_ttl ran out; keyring_refresh did not
+                with pytest.raises(KeyDestroyedError, match=f"data key {shredded} "):
+                    (await conn.execute(names)).scalars().all()
+        finally:
+            await engine.dispose()
+
+    asyncio.run(main())
+
+
 def test_core_async_value_moved_from_another_scope_is_decryption_error(async_url: str) -> None:
     """As with I/O (test_tamper.py): the same DecryptionError, not a missing key."""
 

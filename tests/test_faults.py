@@ -25,6 +25,7 @@ import sys
 import textwrap
 import threading
 import time
+import traceback
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -36,7 +37,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 
 from sqlalchemy_envelope import Encrypted, Envelope, LocalKms, wire
-from sqlalchemy_envelope.jobs import encrypt_column, reencrypt, verify
+from sqlalchemy_envelope.jobs import decrypt_column, encrypt_column, reencrypt, verify
 
 pytestmark = pytest.mark.postgres
 
@@ -305,6 +306,25 @@ def test_encrypt_column_survives_a_killed_connection(
     assert check.ok and check.by_key == {key.id: ROWS}
     schema = {c["name"]: c for c in sa.inspect(db.engine).get_columns("accounts")}
     assert not schema["owner"]["nullable"]
+
+
+def test_a_decrypt_column_batch_killed_mid_write_shows_no_plaintext(
+    pg_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    """decrypt_column writes plaintext: the database error of a failed batch write (here its
+    connection killed) must not carry the values in its parameters, text or traceback."""
+    db = make_db(pg_url, make_engine, local_kms, encrypted=True)
+    kill = Terminator(pg_url, make_engine)
+    job_engine = make_engine(kill.job_url)
+    kill.on_statement(job_engine, lambda s: s.startswith("UPDATE"), 2)
+    with pytest.raises(sa.exc.DBAPIError) as info, job_engine.connect() as job:
+        decrypt_column(db.envelope, job, "accounts", "owner", sa.String(60), batch_size=BATCH)
+    assert kill.killed == 1
+    exc = info.value
+    assert exc.params is None
+    text = "".join(traceback.format_exception(exc)) + repr(exc)
+    assert "UPDATE" in text  # the statement is shown; its values are not
+    assert not [i for i in range(1, ROWS + 1) if f"Owner {i} v0" in text]
 
 
 # -- SIGKILL at random moments of reencrypt ------------------------------------------------

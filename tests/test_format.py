@@ -86,6 +86,17 @@ def test_vector_overhead(v: dict[str, Any]) -> None:
     assert len(stored) - len(plaintext) == expected == wire.OVERHEAD[ALGORITHMS[v["algorithm"]]]
 
 
+@pytest.mark.parametrize("algorithm", ALGORITHMS.values(), ids=ALGORITHMS.keys())
+def test_parse_header_refuses_every_length_below_the_overhead(algorithm: int) -> None:
+    """FORMAT.md section 1: a value shorter than its algorithm's overhead is not ours, at
+    every length (a fuzzer draws the GCM lengths from 22 to 33 bytes only now and then)."""
+    head = wire.header(algorithm, 1)
+    for length in range(wire.OVERHEAD[algorithm]):
+        assert wire.parse_header((head + bytes(64))[:length]) is None, length
+    shortest = head + bytes(wire.OVERHEAD[algorithm] - wire.HEADER_BYTES)
+    assert wire.parse_header(shortest) == (algorithm, 1)
+
+
 def test_reference_hkdf_matches_rfc5869() -> None:
     ikm = bytes([0x0B]) * 22
     okm = bytes.fromhex(

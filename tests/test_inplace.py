@@ -1386,6 +1386,40 @@ def test_ciphertext_found_in_the_plaintext_column_is_refused_or_kept_never_encry
         assert dict(conn.execute(sa.select(new.c.id, new.c.email)).all()) == expected  # type: ignore[arg-type]
 
 
+def test_kept_ciphertext_of_the_other_mode_is_still_refused(
+    db_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    """keep_ciphertext copies the column's own ciphertext as it is, but not a value written
+    in the other mode: randomized ciphertext kept in a deterministic column would match no
+    lookup (and deterministic ciphertext in a randomized one would show equal values)."""
+    engine = make_engine(db_url)
+    envelope = Envelope(sa.MetaData())
+    metadata: Any = envelope.metadata
+    early = sa.Table(  # the early code declares the column randomized
+        "accounts",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("email", Encrypted(sa.String(200), envelope)),
+    )
+    envelope.configure(kms=local_kms, engine=engine)
+    envelope.table.create(engine)
+    old = sa.Table(
+        "accounts",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("email", sa.String(200)),
+    )
+    old.create(engine)
+    with engine.begin() as conn:
+        conn.execute(old.insert(), [{"id": i, "email": f"old-{i}@x.org"} for i in range(1, 11)])
+        conn.execute(early.insert().values(id=11, email="early-11@x.org"))
+    target = Encrypted(sa.String(200), deterministic=True)
+    with pytest.raises(ConfigurationError, match=r"primary key 11 hold this column's"):
+        encrypt_column(envelope, engine, "accounts", "email", target, keep_ciphertext=True)
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(old.c.email).where(old.c.id == 1)).scalar() == "old-1@x.org"
+
+
 def test_decrypting_a_column_of_another_scope_beside_other_values_is_refused_not_done(
     db_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
 ) -> None:

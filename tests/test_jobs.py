@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy_envelope import ConfigurationError, Encrypted, Envelope, LocalKms, wire
 from sqlalchemy_envelope.jobs import reencrypt, verify
 from sqlalchemy_envelope.jobs.reports import KEY_DESTROYED, NOT_AUTHENTIC
+from sqlalchemy_envelope.jobs.writes import BatchWrite
 
 from .models import App, Color, build
 
@@ -214,6 +215,30 @@ def test_a_concurrent_write_is_kept(
     assert (
         reencrypt(a.envelope, a.Patient).values_rewritten == 0
     )  # the app wrote under the active key
+
+
+def test_a_batch_write_keeps_a_value_changed_since_the_batch_read_it(
+    app: tuple[App, sa.Engine],
+) -> None:
+    """The compare-and-set behind reencrypt's writes, on its own (its row locks make the
+    application wait, so no job shows it): a value changed between the batch's read and its
+    write keeps the application's write and is not counted as written. On PostgreSQL the
+    one-statement write, elsewhere the row-by-row one."""
+    a, engine = app
+    stored = sa.Table("patients", sa.MetaData(), autoload_with=engine)  # as a job reads it
+    write = BatchWrite(
+        engine.dialect, stored, [stored.c.id], stored.c.name, sa.LargeBinary(), guard=stored.c.name
+    )
+    crypter = a.Patient.__table__.c.name.type.crypter()
+    with engine.connect() as conn:
+        olds = [conn.execute(sa.select(stored.c.name).where(stored.c.id == i)).scalar_one()
+                for i in (1, 2)]  # fmt: skip
+    rename_patient_one(a, engine)  # after the read, before the write
+    news = [crypter.encrypt(b"one"), crypter.encrypt(b"two")]
+    with engine.begin() as conn:
+        assert write(conn, [(1,), (2,)], news, [bytes(o) for o in olds]) == 1
+    with Session(engine) as s:
+        assert [s.get(a.Patient, i).name for i in (1, 2)] == ["Renamed by the app", "two"]
 
 
 def rename_patient_one(a: App, engine: sa.Engine) -> None:

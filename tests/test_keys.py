@@ -331,6 +331,28 @@ def test_cache_limits_are_checked_and_kept() -> None:
     assert "entries=2" in repr(cache)
 
 
+def test_cache_capacity_also_bounds_the_keys_this_process_creates(
+    sqlite_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    """A key created here (a scope's first, a rotation) enters the cache without an unwrap:
+    cache_capacity holds for those too, and the keys pushed out are unwrapped again."""
+    envelope, table = _schema(cache_capacity=2)
+    engine = make_engine(sqlite_url)
+    table.metadata.create_all(engine)
+    envelope.configure(kms=local_kms, engine=engine)
+    cache = envelope._keys().cache
+    for i in range(1, 6):
+        envelope.rotate("notes")
+        with engine.begin() as conn:
+            conn.execute(table.insert().values(id=i, body=f"note {i}"))
+        assert len(cache._entries) <= 2, f"{len(cache._entries)} keys held after rotation {i}"
+    assert len({_key_of(engine, i) for i in range(1, 6)}) == 5
+    with engine.connect() as conn:
+        bodies = conn.execute(sa.select(table.c.body).order_by(table.c.id)).scalars().all()
+    assert bodies == [f"note {i}" for i in range(1, 6)]
+    assert len(cache._entries) <= 2
+
+
 @pytest.fixture(params=["postgres", "mysql"])
 def other_schema(
     request: pytest.FixtureRequest, make_engine: Callable[..., sa.Engine]

@@ -98,6 +98,20 @@ def switchable(db_url: str, make_engine: Callable[..., sa.Engine]) -> tuple[Worl
     return World(db_url, make_engine, kms), kms
 
 
+def test_nulls_need_no_key_during_an_outage(switchable: tuple[World, SwitchableKms]) -> None:
+    """NULL is stored unencrypted: a cold process writes and reads it with the KMS down."""
+    world, kms = switchable
+    world.configure(kms)  # cold
+    kms.failure = KmsError("KMS unreachable", code="ServiceUnavailable")
+    patients = world.app.Patient.__table__
+    with world.engine.begin() as conn:
+        conn.execute(patients.update().where(patients.c.id == 1).values(ssn=None, notes=None))
+    with world.engine.connect() as conn:
+        assert conn.execute(sa.select(patients.c.ssn, patients.c.notes)).one() == (None, None)
+    kms.failure = None
+    assert world.read() == "first"
+
+
 def test_warm_cache_rides_out_an_outage_until_cache_ttl(
     switchable: tuple[World, SwitchableKms],
 ) -> None:

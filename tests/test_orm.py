@@ -113,6 +113,23 @@ def test_randomized_comparison_refused_at_build_time(app: tuple[App, sa.Engine])
     sa.select(a.Patient).where(a.Patient.ssn.is_(None), a.Patient.name.is_not(None))
 
 
+def test_an_encrypted_column_on_the_right_of_an_operator_is_refused_too(
+    app: tuple[App, sa.Engine],
+) -> None:
+    """``value <op> column`` (Python asks the column's reflected operator): ciphertext is no
+    operand for arithmetic or concatenation either, whichever side it is on."""
+    a, _ = app
+    patients, visits = a.Patient.__table__, a.Visit.__table__
+    for build_expr in (
+        lambda: "Dr. " + patients.c.name,
+        lambda: 1 - visits.c.fee,
+        lambda: 2 * visits.c.fee,
+        lambda: "x" + patients.c.email,  # deterministic: only == and != have a meaning
+    ):
+        with pytest.raises(EncryptedComparisonError, match=r"(patients|visits)\.\w+ is encrypted"):
+            build_expr()
+
+
 def test_orm_bulk_update_delete_and_returning(app: tuple[App, sa.Engine]) -> None:
     """The ORM compares a column with itself to find it (dict lookups): that is no comparison."""
     a, engine = app

@@ -26,6 +26,8 @@ from sqlalchemy.orm import Session
 from sqlalchemy_envelope import (
     AwsKms,
     ConfigurationError,
+    DecryptionError,
+    Encrypted,
     Envelope,
     EnvelopeError,
     KmsError,
@@ -364,6 +366,22 @@ def test_decryption_errors_hold_no_plaintext(setup: Setup) -> None:
         conn.execute(raw.update().where(raw.c.id == 2).values(name=ssn))  # a transplant
     with pytest.raises(EnvelopeError) as info, Session(setup.engine) as s:
         s.get(setup.app.Patient, 2)
+    check_exception(info.value, setup.secrets())
+
+
+def test_authentic_values_of_another_type_raise_without_their_plaintext(setup: Setup) -> None:
+    """A value that authenticates but does not decode (the column's type changed, or a value
+    moved between same-named tables of one scope): the decoder's own error quotes the
+    plaintext, so it must not ride along in the chain."""
+    write_planted(setup)
+    as_integer = sa.Table(
+        "patients",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("ssn", Encrypted(sa.Integer, setup.app.envelope)),
+    )
+    with pytest.raises(DecryptionError) as info, setup.engine.connect() as conn:
+        conn.execute(sa.select(as_integer.c.ssn).where(as_integer.c.id == 2)).all()
     check_exception(info.value, setup.secrets())
 
 

@@ -6,6 +6,7 @@ import datetime as dt
 import decimal
 import enum
 import numbers
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +15,7 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sqlalchemy_envelope import Encrypted, Envelope, LocalKms, ValueTypeError
+from sqlalchemy_envelope import Encrypted, Envelope, LocalKms, ValueTypeError, wire
 
 
 class Mood(enum.Enum):
@@ -309,3 +310,34 @@ def test_batch_bind_processor_is_the_bind_processor_for_a_list(deterministic: bo
     with pytest.raises(ValueTypeError) as info:
         all_(["fine", 5, None])
     assert "t.value" in str(info.value) and info.value.__context__ is None
+
+
+def test_batch_bind_processor_follows_a_rotation_elsewhere_as_the_bind_processor_does(
+    sqlite_url: str, make_engine: Callable[..., sa.Engine]
+) -> None:
+    """Its active key is asked again once keyring_refresh runs out, as for one value at a time:
+    a long batch job must not keep writing under a key another process rotated out."""
+    kms, engine = LocalKms(b"k" * 32), make_engine(sqlite_url)
+    envelopes = []
+    for _ in range(2):  # two processes on one database
+        metadata = sa.MetaData()
+        envelope = Envelope(metadata, keyring_refresh=0.05)
+        table = sa.Table(
+            "t",
+            metadata,
+            sa.Column("id", sa.Integer, primary_key=True),
+            sa.Column("value", Encrypted(sa.String(50), envelope)),
+        )
+        metadata.create_all(engine)
+        envelope.configure(kms=kms, engine=engine)
+        envelopes.append((envelope, table))
+    (_, table), (theirs, _) = envelopes  # ours writes, theirs rotates
+    encrypted, dialect = table.c.value.type, engine.dialect
+    all_ = encrypted.batch_bind_processor(dialect)
+    (before,) = all_(["before"])
+    rotated = theirs.rotate("t")
+    assert wire.key_id_of(before) != rotated
+    time.sleep(0.1)  # beyond keyring_refresh
+    (after,) = all_(["after"])
+    assert wire.key_id_of(after) == rotated
+    assert wire.key_id_of(encrypted.bind_processor(dialect)("one")) == rotated
