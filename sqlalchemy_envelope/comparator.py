@@ -69,7 +69,8 @@ class EncryptedComparator(TypeDecorator.Comparator[Any]):
             return super().operate(op, *other, **kwargs)
         if op in (operators.eq, operators.ne) and other and isinstance(other[0], ColumnClause):
             return ColumnComparison(self.expr, other[0], op, sa.Boolean())
-        name = _name(self.expr)
+        # A literal that took the column's type ("x" + Model.name) names the column.
+        name = _name(next((e for e in (self.expr, *other) if _name(e) != "?"), self.expr))
         if not type_.deterministic:
             raise EncryptedComparisonError(
                 f"{name} is encrypted with random nonces, so SQL cannot compare it "

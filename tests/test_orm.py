@@ -125,6 +125,7 @@ def test_an_encrypted_column_on_the_right_of_an_operator_is_refused_too(
         lambda: 1 - visits.c.fee,
         lambda: 2 * visits.c.fee,
         lambda: "x" + patients.c.email,  # deterministic: only == and != have a meaning
+        lambda: "Dr. " + a.Patient.name,  # through the ORM, a literal of the column's type
     ):
         with pytest.raises(EncryptedComparisonError, match=r"(patients|visits)\.\w+ is encrypted"):
             build_expr()
