@@ -116,13 +116,18 @@ class Classified(sa.types.TypeDecorator[Any]):
     def result_processor(self, dialect: Dialect, coltype: Any) -> Callable[[Any], Any]:
         typed = self.impl_instance.result_processor(dialect, coltype)
         ciphertext = self.ciphertext
+        # How ciphertext can begin (as bytes, as MySQL latin1 text, as PostgreSQL's text
+        # form): most plaintext is told by its first character, without a call.
+        firsts = {bytes([wire.VERSION]), chr(wire.VERSION), "\\"}
 
         def process(value: Any) -> Any:
             if value is None:
                 return None
-            raw = ciphertext(value)
-            if raw is not None:
-                return Found(raw)
+            kind = type(value)
+            if (kind is not str and kind is not bytes) or value[:1] in firsts:
+                raw = ciphertext(value)
+                if raw is not None:
+                    return Found(raw)
             return value if typed is None else typed(value)
 
         return process
