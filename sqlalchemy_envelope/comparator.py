@@ -53,6 +53,20 @@ def _name(expr: Any) -> str:
     return f"{table}.{column}" if table else str(column)
 
 
+def _refused_name(expr: Any, other: tuple[Any, ...]) -> str:
+    """The encrypted column a refusal names: ``expr``'s, or where ``expr`` has none (a
+    literal that took the column's type, as in ``"x" + Model.name``), an encrypted column
+    among the operands. Never a Python operand's ``name`` (an Enum member's is its value)."""
+    if _name(expr) == "?":
+        for element in other:
+            encrypted = isinstance(element, ColumnElement) and isinstance(
+                element.comparator, EncryptedComparator
+            )
+            if encrypted and _name(element) != "?":
+                return _name(element)
+    return _name(expr)
+
+
 class EncryptedComparator(TypeDecorator.Comparator[Any]):
     __slots__ = ()
 
@@ -69,8 +83,7 @@ class EncryptedComparator(TypeDecorator.Comparator[Any]):
             return super().operate(op, *other, **kwargs)
         if op in (operators.eq, operators.ne) and other and isinstance(other[0], ColumnClause):
             return ColumnComparison(self.expr, other[0], op, sa.Boolean())
-        # A literal that took the column's type ("x" + Model.name) names the column.
-        name = _name(next((e for e in (self.expr, *other) if _name(e) != "?"), self.expr))
+        name = _refused_name(self.expr, other)
         if not type_.deterministic:
             raise EncryptedComparisonError(
                 f"{name} is encrypted with random nonces, so SQL cannot compare it "

@@ -131,6 +131,28 @@ def test_an_encrypted_column_on_the_right_of_an_operator_is_refused_too(
             build_expr()
 
 
+def test_a_refusal_names_no_compared_value_for_an_unnamed_expression(
+    app: tuple[App, sa.Engine],
+) -> None:
+    """An expression of an encrypted column's type with no name of its own (a CASE, a
+    scalar subquery, a literal) is refused without naming the value it is compared with:
+    an Enum member's name is its plaintext, and is no column."""
+    a, _ = app
+    visits = a.Visit.__table__
+    for build_expr in (
+        lambda: (
+            sa.case((visits.c.fee.is_(None), visits.c.color), else_=visits.c.color) == Color.BLUE
+        ),
+        lambda: sa.select(visits.c.color).scalar_subquery() != Color.BLUE,
+        lambda: sa.literal(Color.RED, visits.c.color.type) < Color.BLUE,
+        lambda: sa.literal("Dr. ", a.Patient.name.type) + a.Doctor.plain,
+    ):
+        with pytest.raises(EncryptedComparisonError) as refused:
+            build_expr()
+        assert "BLUE" not in str(refused.value)
+        assert "doctors" not in str(refused.value)  # a plaintext column is not the encrypted one
+
+
 def test_orm_bulk_update_delete_and_returning(app: tuple[App, sa.Engine]) -> None:
     """The ORM compares a column with itself to find it (dict lookups): that is no comparison."""
     a, engine = app
