@@ -509,6 +509,38 @@ def test_autogenerate_encrypts_a_binary_column_holding_its_ciphertext_beside_pla
     assert autogenerate(engine, metadata)[0].upgrade_ops.is_empty()  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("stored", ["'plain'", "42", "x''"], ids=["text", "integer", "empty"])
+def test_autogenerate_reads_any_value_sqlite_keeps_in_a_binary_column(
+    sqlite_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms, stored: str
+) -> None:
+    """SQLite keeps a string or a number written around the library in a binary column
+    (old code after the swap): beside ours, autogenerate tells it as encrypt_column does,
+    rather than fail on the first character SQLite returns for it."""
+    engine = make_engine(sqlite_url)
+    metadata = sa.MetaData()
+    envelope = Envelope(metadata)
+    envelope.configure(kms=local_kms, engine=engine)
+    files = sa.Table(
+        "files", metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("body", Encrypted(sa.LargeBinary, envelope)),
+    )  # fmt: skip
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(files.insert(), [{"id": i, "body": b"scan %d" % i} for i in range(1, 4)])
+        conn.exec_driver_sql(f"INSERT INTO files VALUES (4, {stored})")
+
+    script, upgrade, _ = autogenerate(engine, metadata)
+    target = Encrypted(sa.LargeBinary())
+    if script.upgrade_ops is not None and script.upgrade_ops.is_empty():
+        assert encrypt_column(envelope, engine, "files", "body", target).already_done
+    else:
+        body = "sqlalchemy_envelope.Encrypted(sa.LargeBinary())"
+        assert commands(upgrade) == [f"op.encrypt_column('files', 'body', {body})"]
+        with pytest.raises(ConfigurationError, match="keep_ciphertext=True"):
+            encrypt_column(envelope, engine, "files", "body", target)
+
+
 def test_an_upload_naming_a_shredded_key_chooses_no_conversion(
     engine: sa.Engine, local_kms: LocalKms
 ) -> None:

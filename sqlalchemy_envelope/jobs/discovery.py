@@ -243,9 +243,12 @@ def _others(conn: Connection, table: sa.TableClause, column: str) -> bool:
     plaintext it would convert). Bounded: plaintext written before the models declared
     the column ``Encrypted`` is most of it, and a finished column is read no further."""
     col = sa.column(column, sa.LargeBinary)
-    firsts = sa.select(sa.func.substr(col, 1, 1)).select_from(table).where(col.is_not(None))
-    version = bytes([wire.VERSION])
-    return any(bytes(b) != version for b in conn.execute(firsts.limit(OTHERS_SAMPLE)).scalars())
+    firsts = sa.select(col).select_from(table).where(col.is_not(None)).limit(OTHERS_SAMPLE)
+    value = firsts.subquery().c[column]
+    # Told in SQL, as encrypt_column tells them: SQLite returns the first character of a
+    # string or a number stored in a binary column as text, and NULL for an empty blob's.
+    other = sa.select(sa.literal(1)).select_from(value.table).where(~header_like(value))
+    return conn.execute(other.limit(1)).first() is not None
 
 
 def header_like(col: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
