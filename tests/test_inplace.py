@@ -1665,6 +1665,33 @@ def test_a_finished_text_column_with_plaintext_written_around_it_stays_done(
         assert conn.execute(sa.select(new.c.name).where(new.c.id == 1)).scalar() == "name 1"
 
 
+def test_the_early_ciphertext_check_never_compares_text_with_bytes() -> None:
+    """A str and a bytes of one character hash alike, so a set holding both compares
+    them: under ``python -bb`` (a project's tests may run so) that is an error, and every
+    conversion would stop on it. The first characters are told apart by type."""
+    script = textwrap.dedent(
+        """
+        import os
+        import sqlalchemy as sa
+        from sqlalchemy_envelope import Envelope, LocalKms
+        from sqlalchemy_envelope.crypter import ColumnCrypter
+        from sqlalchemy_envelope.jobs.early import Classified
+
+        envelope = Envelope()
+        engine = sa.create_engine("sqlite://")
+        envelope.configure(kms=LocalKms(os.urandom(32)), engine=engine)
+        crypter = ColumnCrypter(envelope, "legacy", "name", deterministic=False)
+        process = Classified(sa.String(), crypter).result_processor(engine.dialect, None)
+        for value in ("\\x01short", "\\\\x01ab", "plain", b"\\\\png", b"\\x01", b"png", 7):
+            assert process(value) == value
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-bb", "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+
+
 def test_ciphertext_in_a_padded_char_column_is_told_apart(
     pg_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
 ) -> None:

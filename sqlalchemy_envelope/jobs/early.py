@@ -116,15 +116,23 @@ class Classified(sa.types.TypeDecorator[Any]):
     def result_processor(self, dialect: Dialect, coltype: Any) -> Callable[[Any], Any]:
         typed = self.impl_instance.result_processor(dialect, coltype)
         ciphertext = self.ciphertext
-        # How ciphertext can begin (as bytes, as MySQL latin1 text, as PostgreSQL's text
-        # form): most plaintext is told by its first character, without a call.
-        firsts = {bytes([wire.VERSION]), chr(wire.VERSION), "\\"}
+        # How ciphertext can begin (as bytes; as MySQL latin1 text, or PostgreSQL's text
+        # form): most plaintext is told by its first character, without a call. Apart, as
+        # a str and a bytes of one character hash alike: comparing them warns under -b.
+        first_byte = bytes([wire.VERSION])
+        first_chars = frozenset((chr(wire.VERSION), "\\"))
 
         def process(value: Any) -> Any:
             if value is None:
                 return None
             kind = type(value)
-            if (kind is not str and kind is not bytes) or value[:1] in firsts:
+            if kind is str:
+                maybe = value[:1] in first_chars
+            elif kind is bytes:
+                maybe = value[:1] == first_byte
+            else:
+                maybe = True
+            if maybe:
                 raw = ciphertext(value)
                 if raw is not None:
                     return Found(raw)
