@@ -1710,3 +1710,23 @@ def test_ciphertext_in_a_padded_char_column_is_told_apart(
     with engine.connect() as conn:
         codes = dict(conn.execute(sa.select(new.c.id, new.c.code)).all())  # type: ignore[arg-type]
     assert codes == {1: "A" * 200, 2: "A" * 200, 3: "new", 4: "A" * 200, 5: "A" * 200}
+
+
+def test_an_empty_value_beside_ciphertext_is_no_ciphertext(
+    any_db_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    """An empty value written around the library is plaintext beside the ciphertext (SQLite
+    gives NULL for its first byte, which SQL would take for "no")."""
+    engine = make_engine(any_db_url)
+    envelope, new, old = early_and_old(engine, local_kms, "files", "body", sa.LargeBinary())
+    with engine.begin() as conn:
+        conn.execute(old.insert(), [{"id": i, "body": b"scan %d" % i} for i in range(1, 6)])
+    target = Encrypted(sa.LargeBinary())
+    assert encrypt_column(envelope, engine, "files", "body", target).swapped
+    with engine.begin() as conn:  # old code, still running
+        conn.execute(old.insert().values(id=6, body=b""))
+    with pytest.raises(ConfigurationError, match="holds this column's ciphertext beside"):
+        encrypt_column(envelope, engine, "files", "body", target)
+    assert encrypt_column(envelope, engine, "files", "body", target, keep_ciphertext=True).swapped
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(new.c.body).where(new.c.id == 6)).scalar_one() == b""

@@ -243,17 +243,26 @@ def _others(conn: Connection, table: sa.TableClause, column: str) -> bool:
     plaintext it would convert). Bounded: plaintext written before the models declared
     the column ``Encrypted`` is most of it, and a finished column is read no further."""
     col = sa.column(column, sa.LargeBinary)
-    firsts = sa.select(col).select_from(table).where(col.is_not(None)).limit(OTHERS_SAMPLE)
-    value = firsts.subquery().c[column]
-    # Told in SQL, as encrypt_column tells them: SQLite returns the first character of a
-    # string or a number stored in a binary column as text, and NULL for an empty blob's.
-    other = sa.select(sa.literal(1)).select_from(value.table).where(~header_like(value))
+    # Only first bytes are read, in SQL as encrypt_column tells them (SQLite returns the
+    # first character of a string or a number stored in a binary column as text): a
+    # database that copies a limited subquery's rows (MariaDB) copies one byte each.
+    firsts = sa.select(_first_byte(col).label("first")).select_from(table)
+    first = firsts.where(col.is_not(None)).limit(OTHERS_SAMPLE).subquery().c.first
+    other = sa.select(sa.literal(1)).select_from(first.table).where(first != _VERSION_BYTE)
     return conn.execute(other.limit(1)).first() is not None
+
+
+_VERSION_BYTE = sa.literal(bytes([wire.VERSION]), sa.LargeBinary)
+
+
+def _first_byte(col: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+    # An empty value's is empty, not NULL (SQLite's substr of an empty blob).
+    return sa.func.coalesce(sa.func.substr(col, 1, 1), sa.literal(b"", sa.LargeBinary))
 
 
 def header_like(col: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
     """SQL: whether a stored value begins like ours (a cheap filter before parsing)."""
-    return sa.func.substr(col, 1, 1) == bytes([wire.VERSION])
+    return _first_byte(col) == _VERSION_BYTE
 
 
 @dataclass(frozen=True)
