@@ -236,11 +236,20 @@ def _convert_type_change(context: MigrationContext, revision: Any, op: ops.Alter
     # No Encrypted on either side: the models dropped it from a binary column that
     # holds our values (an ALTER would keep the ciphertext as the new values), or
     # this is that change's downgrade. Values that are not ours: the author's change.
-    if _binary(old) == _binary(new):
+    if not (_binary(old) or _binary(new)):
         return op
     stored = _sample(context, op)
-    if stored.values and not stored.ours:
+    if _binary(old) and _binary(new):
+        # MySQL stores an Encrypted column as LONGBLOB, the models' LargeBinary as BLOB:
+        # only our values make the change a conversion, and the side the database holds
+        # now tells which way (an ALTER would keep the ciphertext, or truncate it).
+        if not stored.ours:
+            return op
+        decrypting = _stored_as(context, op, old)
+    elif stored.values and not stored.ours:
         return op
+    else:
+        decrypting = _binary(old)
     if not stored.values:
         log.warning(
             "%s.%s holds no values that tell how it was encrypted: the migration takes the "
@@ -250,10 +259,19 @@ def _convert_type_change(context: MigrationContext, revision: Any, op: ops.Alter
     # The scope is written into the migration, where its author sees it, rather than
     # read from the values when it runs, which would let whoever wrote them choose.
     scope = stored.scope or op.table_name
-    if _binary(old):
+    if decrypting:
         return DecryptColumnOp(op.table_name, op.column_name, new, schema=op.schema, scope=scope)
     encrypted = Encrypted(old, deterministic=stored.deterministic, scope=_custom(scope, op))
     return EncryptColumnOp(op.table_name, op.column_name, encrypted, schema=op.schema)
+
+
+def _stored_as(context: MigrationContext, op: ops.AlterColumnOp, type_: Any) -> bool:
+    """Whether the column's type in the database is ``type_`` (the side the change is from)."""
+    assert context.connection is not None
+    reflected = sa.inspect(context.connection).get_columns(op.table_name, op.schema)
+    stored = next(c["type"] for c in reflected if c["name"] == op.column_name)
+    dialect = context.dialect
+    return bool(stored.compile(dialect=dialect) == type_.compile(dialect=dialect))
 
 
 def _custom(scope: str, op: ops.AlterColumnOp) -> str | None:

@@ -636,6 +636,57 @@ def test_autogenerate_resizes_an_encrypted_column_without_decrypting_it(
     assert [tuple(r) for r in rows[1:]] == expected[1:] and rows[0].email == "x" * 400
 
 
+def test_autogenerate_decrypts_a_binary_column_whose_stored_type_mysql_resizes(
+    mysql_url: str, make_engine: Callable[..., sa.Engine], local_kms: LocalKms
+) -> None:
+    """MySQL stores Encrypted(LargeBinary) as LONGBLOB and LargeBinary as BLOB: dropping
+    Encrypted is a type change, which as an ALTER would keep the ciphertext as the values
+    (or cut it at 64 KB). It is decrypt_column, and its downgrade encrypt_column."""
+    engine = make_engine(mysql_url)
+    metadata = sa.MetaData()
+    envelope = Envelope(metadata)
+    envelope.configure(kms=local_kms, engine=engine)
+    files = sa.Table(
+        "files", metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("body", Encrypted(sa.LargeBinary, envelope)),
+    )  # fmt: skip
+    metadata.create_all(engine)
+    blobs = [b"scan %d" % i for i in range(5)]
+    with engine.begin() as conn:
+        conn.execute(files.insert(), [{"id": i, "body": b} for i, b in enumerate(blobs, 1)])
+    plain_metadata = sa.MetaData()
+    Envelope(plain_metadata).configure(kms=local_kms, engine=engine)
+    plain = sa.Table(
+        "files", plain_metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("body", sa.LargeBinary),
+    )  # fmt: skip
+
+    _, upgrade, downgrade = autogenerate(engine, plain_metadata)
+    assert commands(upgrade) == [
+        "op.decrypt_column('files', 'body', sa.LargeBinary(), scope='files')"
+    ]
+    assert commands(downgrade) == [
+        "op.encrypt_column('files', 'body', sqlalchemy_envelope.Encrypted(sa.LargeBinary()))"
+    ]
+    for body, metadata_after, table in (
+        (upgrade, plain_metadata, plain),
+        (downgrade, metadata, files),
+    ):
+        conn = engine.connect()
+        context = MigrationContext.configure(conn, opts={"target_metadata": metadata_after})
+        namespace: dict[str, Any] = {"op": Operations(context), "sa": sa}
+        exec("import sqlalchemy_envelope", namespace)
+        run(body, namespace)
+        conn.commit()
+        conn.close()
+        with engine.connect() as conn:
+            assert (
+                conn.execute(sa.select(table.c.body).order_by(table.c.id)).scalars().all() == blobs
+            )
+
+
 def test_autogenerate_leaves_the_jobs_table_alone(engine: sa.Engine, local_kms: LocalKms) -> None:
     from sqlalchemy_envelope.jobs import reencrypt
 
