@@ -238,6 +238,9 @@ def _convert_type_change(context: MigrationContext, revision: Any, op: ops.Alter
     # this is that change's downgrade. Values that are not ours: the author's change.
     if not (_binary(old) or _binary(new)):
         return op
+    stored_type = _stored_type(context, op)
+    if not _binary(stored_type):
+        return op  # text the models make binary, or its downgrade: no values of ours
     stored = _sample(context, op)
     if _binary(old) and _binary(new):
         # MySQL stores an Encrypted column as LONGBLOB, the models' LargeBinary as BLOB:
@@ -245,7 +248,8 @@ def _convert_type_change(context: MigrationContext, revision: Any, op: ops.Alter
         # now tells which way (an ALTER would keep the ciphertext, or truncate it).
         if not stored.ours:
             return op
-        decrypting = _stored_as(context, op, old)
+        dialect = context.dialect
+        decrypting = bool(stored_type.compile(dialect=dialect) == old.compile(dialect=dialect))
     elif stored.values and not stored.ours:
         return op
     else:
@@ -265,13 +269,12 @@ def _convert_type_change(context: MigrationContext, revision: Any, op: ops.Alter
     return EncryptColumnOp(op.table_name, op.column_name, encrypted, schema=op.schema)
 
 
-def _stored_as(context: MigrationContext, op: ops.AlterColumnOp, type_: Any) -> bool:
-    """Whether the column's type in the database is ``type_`` (the side the change is from)."""
-    assert context.connection is not None
+def _stored_type(context: MigrationContext, op: ops.AlterColumnOp) -> Any:
+    """The column's type in the database (the side of the change it holds), if known."""
+    if context.connection is None:
+        return None
     reflected = sa.inspect(context.connection).get_columns(op.table_name, op.schema)
-    stored = next(c["type"] for c in reflected if c["name"] == op.column_name)
-    dialect = context.dialect
-    return bool(stored.compile(dialect=dialect) == type_.compile(dialect=dialect))
+    return next((c["type"] for c in reflected if c["name"] == op.column_name), None)
 
 
 def _custom(scope: str, op: ops.AlterColumnOp) -> str | None:
