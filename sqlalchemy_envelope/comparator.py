@@ -56,7 +56,8 @@ def _name(expr: Any) -> str:
 def _refused_name(expr: Any, other: tuple[Any, ...]) -> str:
     """The encrypted column a refusal names: ``expr``'s, or where ``expr`` has none (a
     literal that took the column's type, as in ``"x" + Model.name``), an encrypted column
-    among the operands. Never a Python operand's ``name`` (an Enum member's is its value)."""
+    among the operands, or else the column whose type it took (a CASE, a scalar subquery).
+    Never a Python operand's ``name`` (an Enum member's is its value)."""
     if _name(expr) == "?":
         for element in other:
             encrypted = isinstance(element, ColumnElement) and isinstance(
@@ -64,6 +65,9 @@ def _refused_name(expr: Any, other: tuple[Any, ...]) -> str:
             )
             if encrypted and _name(element) != "?":
                 return _name(element)
+        binding = getattr(getattr(expr, "type", None), "_binding", None)
+        if binding is not None and binding.name is not None:
+            return f"{binding.table}.{binding.name}" if binding.table else str(binding.name)
     return _name(expr)
 
 

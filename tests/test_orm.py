@@ -151,6 +151,8 @@ def test_a_refusal_names_no_compared_value_for_an_unnamed_expression(
             build_expr()
         assert "BLUE" not in str(refused.value)
         assert "doctors" not in str(refused.value)  # a plaintext column is not the encrypted one
+        # The column whose type the expression took, which the message's advice is about.
+        assert str(refused.value).startswith(("visits.color ", "patients.name ")), refused.value
 
 
 def test_orm_bulk_update_delete_and_returning(app: tuple[App, sa.Engine]) -> None:
