@@ -237,6 +237,19 @@ def sample_column(
     return Stored(True, True, scope, deterministic, others=others)
 
 
+_VERSION_BYTE = sa.literal(bytes([wire.VERSION]), sa.LargeBinary)
+
+
+def _first_byte(col: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+    # An empty value's is empty, not NULL (SQLite's substr of an empty blob).
+    return sa.func.coalesce(sa.func.substr(col, 1, 1), sa.literal(b"", sa.LargeBinary))
+
+
+def header_like(col: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
+    """SQL: whether a stored value begins like ours (a cheap filter before parsing)."""
+    return _first_byte(col) == _VERSION_BYTE
+
+
 def _others(conn: Connection, table: sa.TableClause, column: str) -> bool:
     """Whether, among the first values, one does not begin like ours, as encrypt_column
     tells them (one that does but fails to authenticate, damaged or foreign, is no
@@ -250,19 +263,6 @@ def _others(conn: Connection, table: sa.TableClause, column: str) -> bool:
     first = firsts.where(col.is_not(None)).limit(OTHERS_SAMPLE).subquery().c.first
     other = sa.select(sa.literal(1)).select_from(first.table).where(first != _VERSION_BYTE)
     return conn.execute(other.limit(1)).first() is not None
-
-
-_VERSION_BYTE = sa.literal(bytes([wire.VERSION]), sa.LargeBinary)
-
-
-def _first_byte(col: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
-    # An empty value's is empty, not NULL (SQLite's substr of an empty blob).
-    return sa.func.coalesce(sa.func.substr(col, 1, 1), sa.literal(b"", sa.LargeBinary))
-
-
-def header_like(col: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
-    """SQL: whether a stored value begins like ours (a cheap filter before parsing)."""
-    return _first_byte(col) == _VERSION_BYTE
 
 
 @dataclass(frozen=True)
@@ -293,9 +293,8 @@ def _ours(
     """Headers of the sampled values that are ours (they authenticate as this column's
     under a key of the keyring, or one shredded since, so bytes forged to look like a
     header do not count), and apart, those naming a key of ``shredded``, which cannot
-    be checked. Without a KMS
-    configured, a header naming a key of the keyring is taken at its word, as when the
-    KMS fails (with a warning)."""
+    be checked. Without a KMS configured, a header naming a key of the keyring is taken
+    at its word, as when the KMS fails (with a warning)."""
     named = [h for h, _ in sample.found if h[1] in key_scopes]
     try:
         _ = envelope.kms
