@@ -406,6 +406,19 @@ def test_autogenerate_turns_dropping_encrypted_into_decrypt_column(
         assert autogenerate(engine, metadata)[0].upgrade_ops.is_empty()  # type: ignore[union-attr]
 
 
+def encrypted_files(engine: sa.Engine, kms: LocalKms) -> tuple[sa.MetaData, Envelope, sa.Table]:
+    """Models with one ``Encrypted(LargeBinary)`` column, ``files.body``."""
+    metadata = sa.MetaData()
+    envelope = Envelope(metadata)
+    envelope.configure(kms=kms, engine=engine)
+    files = sa.Table(
+        "files", metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("body", Encrypted(sa.LargeBinary, envelope)),
+    )  # fmt: skip
+    return metadata, envelope, files
+
+
 def commands(rendered: str) -> list[str]:
     """The operations of a rendered migration body, without Alembic's comments."""
     return [line.strip() for line in rendered.splitlines() if line.strip()[:1] not in ("", "#")]
@@ -473,14 +486,7 @@ def test_autogenerate_encrypts_a_binary_column_holding_its_ciphertext_beside_pla
     """Models declaring Encrypted(LargeBinary) that ran before the migration was written
     leave ciphertext beside the plaintext: still a conversion to write, since another
     database may hold plaintext only (and this one, run, says what to do)."""
-    metadata = sa.MetaData()
-    envelope = Envelope(metadata)
-    envelope.configure(kms=local_kms, engine=engine)
-    files = sa.Table(
-        "files", metadata,
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("body", Encrypted(sa.LargeBinary, envelope)),
-    )  # fmt: skip
+    metadata, envelope, files = encrypted_files(engine, local_kms)
     plain = sa.Table(
         "files", sa.MetaData(),
         sa.Column("id", sa.Integer, primary_key=True),
@@ -540,14 +546,7 @@ def test_autogenerate_reads_any_value_sqlite_keeps_in_a_binary_column(
     (old code after the swap): beside ours, autogenerate tells it as encrypt_column does,
     rather than fail on the first character SQLite returns for it."""
     engine = make_engine(sqlite_url)
-    metadata = sa.MetaData()
-    envelope = Envelope(metadata)
-    envelope.configure(kms=local_kms, engine=engine)
-    files = sa.Table(
-        "files", metadata,
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("body", Encrypted(sa.LargeBinary, envelope)),
-    )  # fmt: skip
+    metadata, envelope, files = encrypted_files(engine, local_kms)
     metadata.create_all(engine)
     with engine.begin() as conn:
         conn.execute(files.insert(), [{"id": i, "body": b"scan %d" % i} for i in range(1, 4)])
@@ -600,14 +599,7 @@ def test_autogenerate_leaves_an_encrypted_binary_column_with_a_damaged_value_alo
     """A value that begins like ours but does not authenticate is no plaintext that
     encrypt_column would convert (it reports the column done): writing the operation
     would add it again to every revision."""
-    metadata = sa.MetaData()
-    envelope = Envelope(metadata)
-    envelope.configure(kms=local_kms, engine=engine)
-    files = sa.Table(
-        "files", metadata,
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("body", Encrypted(sa.LargeBinary, envelope)),
-    )  # fmt: skip
+    metadata, envelope, files = encrypted_files(engine, local_kms)
     metadata.create_all(engine)
     with engine.begin() as conn:
         conn.execute(files.insert(), [{"id": i, "body": b"scan %d" % i} for i in range(5)])
@@ -666,14 +658,7 @@ def test_autogenerate_decrypts_a_binary_column_whose_stored_type_mysql_resizes(
     Encrypted is a type change, which as an ALTER would keep the ciphertext as the values
     (or cut it at 64 KB). It is decrypt_column, and its downgrade encrypt_column."""
     engine = make_engine(mysql_url)
-    metadata = sa.MetaData()
-    envelope = Envelope(metadata)
-    envelope.configure(kms=local_kms, engine=engine)
-    files = sa.Table(
-        "files", metadata,
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("body", Encrypted(sa.LargeBinary, envelope)),
-    )  # fmt: skip
+    metadata, _, files = encrypted_files(engine, local_kms)
     metadata.create_all(engine)
     blobs = [b"scan %d" % i for i in range(5)]
     with engine.begin() as conn:
