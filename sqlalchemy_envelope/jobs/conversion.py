@@ -534,6 +534,11 @@ class Conversion:
         """
         if not isinstance(reflected, sa.types._Binary):
             return False
+        encrypted = self.write if self.encrypting else self.read
+        assert isinstance(encrypted, Encrypted)
+        # Text, numbers, dates: the column is binary only once converted, and other values
+        # in it were written around the library since (verify counts them): not looked for.
+        beside = not self.encrypting or _stored_as_binary(encrypted.inner_type)
         col = sa.column(self.column, sa.LargeBinary)
         table = sa.table(self.table, col, schema=self.schema)
         looks_ours = header_like(col)
@@ -543,14 +548,8 @@ class Conversion:
             present = sa.select(col).select_from(table).where(col.is_not(None))
             if not values:
                 return conn.execute(present.limit(1)).first() is None
-            mixed = conn.execute(present.where(~looks_ours).limit(1)).first() is not None
-        encrypted = self.write if self.encrypting else self.read
-        assert isinstance(encrypted, Encrypted)
+            mixed = beside and conn.execute(present.where(~looks_ours).limit(1)).first() is not None
         crypter = encrypted.crypter()
-        if self.encrypting and not _stored_as_binary(encrypted.inner_type):
-            # Text, numbers, dates: the column is binary only once converted, and other
-            # values in it were written around the library since (verify counts them).
-            mixed = False
         unknown: set[int] = set()
         scopes: set[str] = set()  # of keys the values name, other than this column's
         proven: set[str] = set()  # of those, where a value is this column's ciphertext
