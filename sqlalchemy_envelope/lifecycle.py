@@ -181,10 +181,10 @@ def rewrap(
     wraps it under ``kms``; a key it fails for (its wrapped form altered, its
     CMK gone, ``kms`` refusing) stops the re-wrap before the pass stores any
     key, as a keyring split between two master keys would lock out an
-    application that holds only one. Within one AWS region (``ReEncrypt``, which needs no
-    ``Decrypt`` permission) a process on either CMK can unwrap both, so a key
-    that fails to move (throttling, an outage, a damaged row) does not stop
-    the others. The keyring is read again after each pass, for keys created
+    application that holds only one. Within one AWS region (``ReEncrypt``,
+    which needs no ``Decrypt`` permission) a process on either CMK can unwrap
+    both, so a key that fails to move (throttling, an outage, a damaged row)
+    does not stop the others. The keyring is read again after each pass, for keys created
     meanwhile. Returns how many keys moved; raises :class:`RewrapError` if any
     key is left elsewhere, and only once none is does the envelope switch to
     ``kms``.
